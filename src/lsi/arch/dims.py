@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,8 +11,9 @@ from torch import nn
 from lsi.arch.spec import ArchSpec
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """``root.get_submodule(path)`` with the empty path meaning the root itself."""
+def get_module(root: nn.Module, path: str) -> Any:
+    """``root.get_submodule(path)`` with the empty path meaning the root itself (typed ``Any``: HF modules carry
+    attributes such as ``weight`` and ``config`` that static types cannot see)."""
     return root if not path else root.get_submodule(path)
 
 
@@ -37,7 +39,7 @@ class ModelDims:
         return asdict(self).get(name)
 
     @classmethod
-    def read(cls, model: nn.Module, spec: ArchSpec) -> ModelDims:
+    def read(cls, model: Any, spec: ArchSpec) -> ModelDims:
         layers = get_module(model, spec.layers)
         assert isinstance(layers, nn.ModuleList)
         layer0 = layers[0]

@@ -8,6 +8,7 @@ it and refuses the model unless the check passes.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from torch import nn
 
@@ -34,7 +35,7 @@ def _child(parent: nn.Module, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in children), None)
 
 
-def _fail(model: nn.Module, what: str, layer: nn.Module | None) -> UnknownArchitectureError:
+def _fail(model: Any, what: str, layer: nn.Module | None) -> UnknownArchitectureError:
     found = ", ".join(n for n, _ in (layer or model).named_modules() if n)[:2000]
     template = ArchSpec(family=str(model.config.model_type), model_types=(str(model.config.model_type),)).template()
     return UnknownArchitectureError(
@@ -42,7 +43,7 @@ def _fail(model: nn.Module, what: str, layer: nn.Module | None) -> UnknownArchit
         "write an ArchSpec and pass spec= to lsi.load (or lsi.register it). Template (Llama layout):\n" + template)
 
 
-def probe_specs(model: nn.Module) -> list[ArchSpec]:
+def probe_specs(model: Any) -> list[ArchSpec]:
     """Candidate specs from module names (sequential, then parallel attention); raises
     :class:`UnknownArchitectureError` if parts are missing."""
     n_layers = getattr(model.config, "num_hidden_layers", None)

@@ -130,17 +130,27 @@ def head_out_weight(o_proj: nn.Module, spec: ArchSpec, dims: ModelDims) -> torch
     return w.T.unflatten(0, (dims.n_heads, dims.d_head))
 
 
+_HEAD_OUT_TAG = "_lsi_head_out"
+
+
 def _head_out_binding(site: Site, layer: nn.Module, spec: ArchSpec, dims: ModelDims) -> Binding:
+    """head_out is derived from z; a write adds the change of the heads' sum to the projection's output and tags
+    that output tensor with the new per-head values, so later hooks (other sessions) read what the model used."""
     o_proj = get_module(layer, spec.o_proj)
 
     def get(call: HookCall) -> torch.Tensor:
+        tagged = getattr(get_output(call), _HEAD_OUT_TAG, None)
+        if tagged is not None:
+            return tagged  # type: ignore[no-any-return]
         z = _split_heads(get_input(call), dims.n_heads)
         w = head_out_weight(o_proj, spec, dims).to(z.dtype)
         return torch.einsum("...he,hed->...hd", z, w)
 
     def put(call: HookCall, new: torch.Tensor, old: torch.Tensor) -> None:
         out = get_output(call)
-        set_output(call, out + (new - old).sum(-2).to(out.dtype))
+        changed = out + (new - old).sum(-2).to(out.dtype)
+        setattr(changed, _HEAD_OUT_TAG, new)
+        set_output(call, changed)
 
     return Binding(site, o_proj, "post", get, put)
 

@@ -49,7 +49,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """The whole cached value of a site, ignoring any head/neuron index in ``site``."""
         return self._values[self._key(site)[1]]
 
-    def __getitem__(self, site: str | Site) -> torch.Tensor:  # type: ignore[override]
+    def __getitem__(self, site: str | Site) -> torch.Tensor:
         concrete, key = self._key(site)
         value = self._values[key]
         idx = concrete.indices()

@@ -23,6 +23,7 @@ from lsi.core.bindings import Binding, HookCall, Phase, bind
 from lsi.core.interventions import Intervention, OpContext
 from lsi.core.positions import All, Positions
 from lsi.core.sites import Site
+from lsi.errors import ReadOnlySiteError
 
 
 @dataclass
@@ -34,15 +35,17 @@ class ForwardState:
     prefill: bool = True
     memo: dict[Any, Any] = field(default_factory=dict)
 
-    def update(self, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids")
+    def update(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        shape = ids.shape if ids is not None else embeds.shape[:2]  # type: ignore[union-attr]
+        source = ids if ids is not None else embeds
+        assert source is not None, "the model was called without input_ids or inputs_embeds"
+        shape = source.shape[:2]
         mask = kwargs.get("attention_mask")
         past = kwargs.get("past_key_values")
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         if mask is None or mask.dim() != 2:
-            mask = torch.ones(shape, dtype=torch.long, device=(ids if ids is not None else embeds).device)
+            mask = torch.ones(shape, dtype=torch.long, device=source.device)
         self.input_ids = ids
         self.attention_mask = mask[:, -shape[1]:]
         self.prefill = past_len == 0
@@ -142,27 +145,28 @@ class HookSession:
     # -- firing ------------------------------------------------------------------------------------------------
     def _fire(self, key: str, binding: Binding, call: HookCall) -> None:
         self.fire_counts[key] += 1
+        value: torch.Tensor | None = None  # the site's value as the model now uses it (derived sites included)
         for op, concrete in self._ops.get(key, ()):
             mask = self.state.mask_for(op)
             if mask is False:
                 continue
-            old = binding.get(call)
+            old = binding.get(call) if value is None else value
             new = apply_intervention(op, concrete, old, mask)  # type: ignore[arg-type]
             if new is not old:
                 if binding.put is None:
-                    from lsi.errors import ReadOnlySiteError
-
                     raise ReadOnlySiteError(f"a writable site for {type(op).__name__}", f"{key} (read-only)",
                                             "intervene on attn.q / attn.k / attn.z instead of the pattern")
                 binding.put(call, new, old)
+            value = new
         if key in self._grad_keys:
-            old = binding.get(call)
+            old = binding.get(call) if value is None else value
             probe = torch.zeros_like(old, requires_grad=True)
             assert binding.put is not None, f"gradients need a writable site, {key} is read-only"
-            binding.put(call, old + probe, old)
+            value = old + probe
+            binding.put(call, value, old)
             self.probes[key] = probe
         if key in self._cache_keys:
-            value = binding.get(call).detach()
+            value = (binding.get(call) if value is None else value).detach()
             if self._cache_positions is not None and self.state.prefill:
                 axis = binding.site.info.position_axis
                 value = _gather_positions(value, self.state.index_for(self._cache_positions), axis)
@@ -190,7 +194,7 @@ class HookSession:
     def __enter__(self) -> HookSession:
         try:
             self._handles.append(self.model.register_forward_pre_hook(
-                lambda m, a, kw: self.state.update(kw), with_kwargs=True))
+                lambda m, a, kw: self.state.update(a, kw), with_kwargs=True))
             groups: dict[tuple[int, Phase], list[tuple[str, Binding]]] = defaultdict(list)
             modules: dict[int, nn.Module] = {}
             for key, binding in self._bindings.items():

@@ -85,7 +85,7 @@ def to_batch(inputs: Inputs | Batch, *, tokenizer: Any, padding_side: PaddingSid
         elif all(isinstance(t, (list, tuple)) and all(isinstance(i, int) for i in t) for t in texts_or_rows):
             rows = [list(t) for t in texts_or_rows]
         elif all(isinstance(t, int) for t in texts_or_rows):
-            rows = [list(texts_or_rows)]  # type: ignore[arg-type]
+            rows = [list(texts_or_rows)]
         else:
             raise InputError("a string, a list of strings, a list of token-id lists or a tensor",
                              f"a list of {sorted({type(t).__name__ for t in texts_or_rows})}", "pass one kind")

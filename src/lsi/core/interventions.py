@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lsi.core.positions import PositionSpec, Positions, as_positions
+from lsi.core.positions import Positions, PositionSpec, as_positions
 from lsi.core.sites import Site
 from lsi.errors import InputError, ShapeMismatchError
 
@@ -51,7 +51,7 @@ class Intervention:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site", Site.parse(self.site))
-        object.__setattr__(self, "positions", as_positions(self.positions))  # type: ignore[arg-type]
+        object.__setattr__(self, "positions", as_positions(self.positions))
         if self.scope not in _SCOPES:
             raise InputError(f"scope in {_SCOPES}", repr(self.scope), "e.g. scope='generated'")
 
@@ -67,8 +67,10 @@ def _check_broadcast(value: torch.Tensor, x: torch.Tensor, what: str, site: Site
     try:
         torch.broadcast_shapes(value.shape, x.shape)
     except RuntimeError:
-        raise ShapeMismatchError(f"a {what} broadcastable to {tuple(x.shape)} at {site}", f"shape {tuple(value.shape)}",
-                                 f"give a tensor of shape {tuple(x.shape[-1:])} (one vector) or {tuple(x.shape)}") from None
+        raise ShapeMismatchError(f"a {what} broadcastable to {tuple(x.shape)} at {site}",
+                                 f"shape {tuple(value.shape)}",
+                                 f"give a tensor of shape {tuple(x.shape[-1:])} (one vector) or {tuple(x.shape)}",
+                                 ) from None
 
 
 class Zero(Intervention):

@@ -47,6 +47,7 @@ def load(model: str | Path | nn.Module, tokenizer: Any = None, *, dtype: str | t
         spec: an :class:`ArchSpec` for an architecture lsi does not know.
         verify: run the self-check before returning (default: only for probed, unregistered architectures).
     """
+    hf_model: Any
     if isinstance(model, nn.Module):
         hf_model = model if device is None else model.to(device)
     else:

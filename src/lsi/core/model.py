@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from lsi.arch.dims import ModelDims, get_module
 from lsi.arch.registry import candidate_specs
@@ -32,6 +31,7 @@ from lsi.core.inputs import Batch, Inputs, PaddingSide, to_batch
 from lsi.core.interventions import Intervention
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import SITE_KINDS, Site, as_sites
+from lsi.core.weights import Weights
 from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
 
 SiteSpec = str | Site | Sequence[str | Site]
@@ -50,7 +50,7 @@ class GradResult:
 class LanguageModel:
     """Wraps a ``transformers`` causal LM. Build it with :func:`lsi.load` or directly from a model object."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, *, spec: ArchSpec | None = None,
+    def __init__(self, model: Any, tokenizer: Any = None, *, spec: ArchSpec | None = None,
                  verify: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -77,11 +77,16 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return get_module(self.model, self.spec.embed).weight.device  # type: ignore[no-any-return]
+        return get_module(self.model, self.spec.embed).weight.device
 
     @property
     def attn_implementation(self) -> str:
         return str(getattr(self.model.config, "_attn_implementation", "eager"))
+
+    @property
+    def weights(self) -> Weights:
+        """Weight objects (W_E, W_U, per-head W_Q/W_K/W_V/W_O, QK/OV circuits, neuron key/value weights)."""
+        return Weights(self)
 
     @property
     def parallel_attn(self) -> bool:
@@ -89,7 +94,7 @@ class LanguageModel:
 
     def available_sites(self) -> list[Site]:
         """Every concrete site this model has (one per layer for per-layer kinds)."""
-        out = []
+        out: list[Site] = []
         for kind in SITE_KINDS.values():
             if kind.name == "resid_mid" and self.parallel_attn:
                 continue
@@ -161,7 +166,7 @@ class LanguageModel:
     def forward(self, inputs: Inputs | Batch, **kwargs: Any) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` of the HF model (with any active interventions)."""
         with torch.no_grad():
-            return self._call(self.to_batch(inputs), **kwargs).logits  # type: ignore[no-any-return]
+            return self._call(self.to_batch(inputs), **kwargs).logits
 
     def _needs_patterns(self, sites: list[Site]) -> None:
         if any(s.kind == "attn.pattern" for s in sites) and self.attn_implementation != "eager":
@@ -215,7 +220,8 @@ class LanguageModel:
             grads = torch.autograd.grad(value, [session.probes[str(s)] for s in concrete], allow_unused=True)
         grad_values = {str(s): (g if g is not None else torch.zeros_like(session.probes[str(s)])).detach()
                        for s, g in zip(concrete, grads, strict=True)}
-        common = dict(n_layers=self.dims.n_layers, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        common: dict[str, Any] = dict(n_layers=self.dims.n_layers, input_ids=batch.input_ids,
+                                      attention_mask=batch.attention_mask)
         return GradResult(value.detach(), ActivationCache(session.values, logits=logits.detach(), **common),
                           ActivationCache(grad_values, **common))
 
@@ -236,13 +242,13 @@ class LanguageModel:
         """``model.generate`` on left-padded inputs; returns ids ``[batch, prompt + new]``."""
         batch = self.to_batch(inputs, padding_side="left")
         with torch.no_grad():
-            return self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,  # type: ignore[no-any-return]
+            return self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        pad_token_id=self.pad_id, **kwargs)
 
     def generate_text(self, prompts: str | Sequence[str], **kwargs: Any) -> list[str]:
         """Generated texts (prompt included, special tokens dropped), one per prompt."""
-        ids = self.generate(prompts, **kwargs)  # type: ignore[arg-type]
+        ids = self.generate(prompts, **kwargs)
         return list(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,10 @@ def self_check(lm: LanguageModel) -> SelfCheckResult:
         for h in handles:
             h.remove()
     c, hs = session.values, out.hidden_states
+    with torch.no_grad():
+        lens_logits = lm.unembed(c[f"blocks.{n - 1}.resid_post"])
     checks = [_compare("ln_final == hidden_states[-1]", c["ln_final"], hs[-1]),
-              _compare("unembed(resid_post[-1]) == logits", lm.unembed(c[f"blocks.{n - 1}.resid_post"]), out.logits)]
+              _compare("unembed(resid_post[-1]) == logits", lens_logits, out.logits)]
     for i in range(n):
         b = f"blocks.{i}"
         checks.append(_compare(f"{b}.resid_pre == hidden_states[{i}]", c[f"{b}.resid_pre"], hs[i]))

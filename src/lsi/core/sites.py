@@ -43,7 +43,7 @@ _KINDS = (
              per_layer=False),
     SiteKind("resid_pre", ("batch", "pos", "d_model"), "input of decoder layer i"),
     SiteKind("resid_mid", ("batch", "pos", "d_model"), "resid_pre + attn.out (sequential-attention families only)"),
-    SiteKind("resid_post", ("batch", "pos", "d_model"), "output of layer i = resid_pre of layer i+1 (before final norm)"),
+    SiteKind("resid_post", ("batch", "pos", "d_model"), "output of layer i = resid_pre[i+1] (before final norm)"),
     SiteKind("attn.out", ("batch", "pos", "d_model"), "what attention adds to the residual stream"),
     SiteKind("attn.z", ("batch", "pos", "n_heads", "d_head"), "per-head mixed values (input of W_O)", index_axis=2),
     SiteKind("attn.head_out", ("batch", "pos", "n_heads", "d_model"), "per-head write z_h @ W_O[h]", index_axis=2),

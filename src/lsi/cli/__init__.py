@@ -1,0 +1,1 @@
+"""The ``lsi`` command line: a thin layer over the Python API."""

@@ -1,0 +1,1 @@
+"""Locate: methods that score interpretable objects by how much they matter for a behaviour."""
