@@ -200,12 +200,11 @@ def _check_layer(layer: int, n_layers: int, site: Site) -> int:
 def as_sites(sites: str | Site | list[str | Site] | tuple[str | Site, ...], n_layers: int) -> list[Site]:
     """Parse and expand one or many site selectors into concrete sites, keeping order and dropping repeats."""
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
-    out: list[Site] = []
+    seen: dict[Site, None] = {}  # ordered set
     for item in items:
         for s in Site.parse(item).expand(n_layers):
-            if s not in out:
-                out.append(s)
-    return out
+            seen.setdefault(s)
+    return list(seen)
 
 
 # --- TransformerLens names -------------------------------------------------------------------------------
