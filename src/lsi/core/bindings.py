@@ -141,7 +141,7 @@ def _head_out_binding(site: Site, layer: nn.Module, spec: ArchSpec, dims: ModelD
     def get(call: HookCall) -> torch.Tensor:
         tagged = getattr(get_output(call), _HEAD_OUT_TAG, None)
         if tagged is not None:
-            return tagged  # type: ignore[no-any-return]
+            return tagged
         z = _split_heads(get_input(call), dims.n_heads)
         w = head_out_weight(o_proj, spec, dims).to(z.dtype)
         return torch.einsum("...he,hed->...hd", z, w)
