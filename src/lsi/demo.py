@@ -34,16 +34,13 @@ def counting_batch(batch: int, *, seed: int) -> torch.Tensor:
 
 def train_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int = 150) -> dict[str, Any]:
     """Train the demo model on CPU (well under a minute on 2 idle cores) and save it as a standard HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lsi.organisms.training import build_word_tokenizer, seed_everything, train_lm
+    from lsi.organisms.training import build_word_tokenizer, new_model, seed_everything, train_lm
 
     seed_everything(seed, threads=torch.get_num_threads())
     tokenizer = build_word_tokenizer([f"n{i}" for i in range(N_NUMBERS)])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
+    model = new_model("llama", tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
     mask = torch.ones(1, SEQ_LEN + 1, dtype=torch.bool)
     mask[:, :3] = False  # the first two numbers cannot be predicted: they only set start and step
     figures = train_lm(model, lambda step: (counting_batch(32, seed=seed * 100_000 + step), mask.expand(32, -1)),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_helpers import FAMILIES, IDS, assert_no_hooks, hf_logits
+from core_helpers import FAMILIES, IDS, PARALLEL, assert_no_hooks, hf_logits
 
 import lsi
 from lsi.arch.dims import linear_weight
 from lsi.core.bindings import head_out_weight
+from lsi.errors import LsiError
 
 pytestmark = pytest.mark.integration
 
@@ -118,13 +119,14 @@ def test_mean_ablation_from_cache_mean(tiny_lm, family):
                                atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("site", ["blocks.0.resid_post", "blocks.0.attn.z", "blocks.0.mlp.post", "blocks.0.attn.v",
-                                  "blocks.1.attn.head_out", "blocks.0.resid_mid", "embed"])
+PATCH_SITES = ["blocks.0.resid_post", "blocks.0.attn.z", "blocks.0.mlp.post", "blocks.0.attn.v",
+               "blocks.1.attn.head_out", "blocks.0.resid_mid", "embed"]
+
+
+@pytest.mark.parametrize(("family", "site"), [(f, s) for s in PATCH_SITES for f in FAMILIES
+                                              if not (s.endswith("resid_mid") and f in PARALLEL)])
 def test_patch_one_position_reproduces_source(tiny_lm, family, site):
     lm = tiny_lm(family)
-    if site.endswith("resid_mid") and lm.parallel_attn:
-        pytest.skip("resid_mid does not exist under parallel attention (tested in test_conformance)")
     src = lm.run_with_cache(IDS, [site, "blocks.1.resid_post", "logits"])
     clean = lm.run_with_cache(IDS_B, [site, "blocks.1.resid_post"])
     pos = 3
@@ -247,6 +249,9 @@ def test_composition_order_at_one_site(tiny_lm):
     with lm.intervene(lsi.Scale(site, 2.0)), lm.intervene(lsi.Add(site, vec)):
         nested = lm.run_with_cache(IDS, site)[site]
     torch.testing.assert_close(nested, 2 * x + vec, atol=1e-6, rtol=0)
+    # a list of interventions is the same as passing them one by one
+    as_list = cache_under(lm, [[lsi.Add(site, vec), lsi.Scale(site, 2.0)]], site)[site]
+    assert torch.equal(as_list, add_then_scale)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -426,6 +431,11 @@ def test_grads_match_autograd_through_a_set_leaf(tiny_lm, family):
     torch.testing.assert_close(res.grads[site], grad, atol=1e-6, rtol=1e-5)
     assert res.grads[site][0, -1].abs().max() > 0 and res.grads[site][0, 0].abs().max() > 0
     assert res.grads["blocks.1.mlp.post"].shape == (1, IDS.shape[1], lm.dims.d_mlp)
+    # the zero-valued probe leaves the activations (and so the metric) bit-identical
+    plain = lm.run_with_cache(IDS, [site, "blocks.1.mlp.post"])
+    assert torch.equal(res.activations[site], plain[site])
+    assert torch.equal(res.activations["blocks.1.mlp.post"], plain["blocks.1.mlp.post"])
+    assert torch.equal(res.value, metric(hf_logits(lm, IDS), None))
 
 
 def test_grads_match_finite_differences_in_float64():
@@ -561,3 +571,21 @@ def test_grads_batched_equal_unbatched(tiny_lm, side):
         pad[real] = False
         if pad.any():  # padding does not influence the metric
             assert res.grads["blocks.0.resid_post"][r, pad].abs().max() == 0
+
+
+def test_patch_from_a_cache_padded_on_the_other_side(tiny_lm):
+    """A cache of the same prompts is an identity patch, whichever side it was padded on; if lsi cannot align
+    the two paddings it must say so (a typed error), never patch misaligned positions silently."""
+    lm = tiny_lm("llama")
+    rows = [[5, 17, 42, 8, 63], [9, 30]]
+    src = lm.run_with_cache(lm.to_batch(rows, padding_side="right"), "blocks.1.resid_post")
+    left = lm.to_batch(rows, padding_side="left")
+    try:
+        with lm.intervene(lsi.Patch("blocks.1.resid_post", src)):
+            patched = lm.forward(left)
+            generated = lm.generate(rows, max_new_tokens=3, min_new_tokens=3)
+    except LsiError as err:
+        assert "pad" in str(err)
+        return
+    torch.testing.assert_close(patched, lm.forward(left), atol=1e-6, rtol=0)
+    assert torch.equal(generated, lm.generate(rows, max_new_tokens=3, min_new_tokens=3))

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from lsi import __version__
+from lsi.cli.organisms import organisms
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,15 +115,7 @@ def demo(out_dir: Path, retrain: bool) -> None:
         click.echo(f"  {label:<20} {acc:>15.3f} {p:>15.3f}")
 
 
-def _register_optional_groups() -> None:
-    try:
-        from lsi.cli.organisms import organisms
-    except ImportError:
-        return
-    cli.add_command(organisms)
-
-
-_register_optional_groups()
+cli.add_command(organisms)
 
 
 def main() -> None:

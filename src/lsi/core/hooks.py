@@ -88,7 +88,8 @@ def _align(mask: torch.Tensor, value: torch.Tensor, axis: int) -> torch.Tensor:
     return mask.view(shape)
 
 
-def apply_intervention(op: Intervention, site: Site, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def apply_intervention(op: Intervention, site: Site, value: torch.Tensor, mask: torch.Tensor | None,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """New value of a site after ``op`` (restricted to ``site``'s head/neuron index and to ``mask``)."""
     idx = site.indices()
     axis = site.info.index_axis
@@ -102,7 +103,7 @@ def apply_intervention(op: Intervention, site: Site, value: torch.Tensor, mask: 
     def select(t: torch.Tensor) -> torch.Tensor:
         return t if index is None else t.index_select(axis, index.to(t.device))  # type: ignore[arg-type]
 
-    new = op.transform(sub, OpContext(site, select))
+    new = op.transform(sub, OpContext(site, select, attention_mask))
     if new is sub:
         return value
     if mask is not None:
@@ -131,8 +132,9 @@ class HookSession:
         self._cache_positions = cache_positions
         self._cache_device = cache_device
         self._ops: dict[str, list[tuple[Intervention, Site]]] = defaultdict(list)
-        self._cache_keys = {str(s) for s in cache}
-        self._grad_keys = {str(s) for s in grads}
+        # values are kept per index-free site; a cache slices heads/neurons out on read
+        self._cache_keys = {str(s.without_index()) for s in cache}
+        self._grad_keys = {str(s.without_index()) for s in grads}
         self._bindings: dict[str, Binding] = {}
         for op in interventions:
             for concrete in op.site.expand(dims.n_layers):
@@ -140,6 +142,10 @@ class HookSession:
         for key in [*self._ops, *sorted(self._cache_keys | self._grad_keys)]:
             if key not in self._bindings:
                 self._bindings[key] = bind(Site.parse(key), model, spec, dims)
+        read_only = sorted(k for k in [*self._ops, *self._grad_keys] if self._bindings[k].put is None)
+        if read_only:
+            raise ReadOnlySiteError("writable sites for interventions and gradients", f"{read_only} (read-only)",
+                                    "intervene on or differentiate attn.q / attn.k / attn.z instead of the pattern")
         self._handles: list[RemovableHandle] = []
 
     # -- firing ------------------------------------------------------------------------------------------------
@@ -151,17 +157,15 @@ class HookSession:
             if mask is False:
                 continue
             old = binding.get(call) if value is None else value
-            new = apply_intervention(op, concrete, old, mask)  # type: ignore[arg-type]
+            new = apply_intervention(op, concrete, old, mask, self.state.attention_mask)  # type: ignore[arg-type]
             if new is not old:
-                if binding.put is None:
-                    raise ReadOnlySiteError(f"a writable site for {type(op).__name__}", f"{key} (read-only)",
-                                            "intervene on attn.q / attn.k / attn.z instead of the pattern")
+                assert binding.put is not None  # read-only sites are refused in __init__
                 binding.put(call, new, old)
             value = new
         if key in self._grad_keys:
             old = binding.get(call) if value is None else value
             probe = torch.zeros_like(old, requires_grad=True)
-            assert binding.put is not None, f"gradients need a writable site, {key} is read-only"
+            assert binding.put is not None  # read-only sites are refused in __init__
             value = old + probe
             binding.put(call, value, old)
             self.probes[key] = probe

@@ -35,10 +35,12 @@ _SCOPES = ("prompt", "generated", "all")
 
 @dataclass(frozen=True)
 class OpContext:
-    """What an intervention may need besides the value: the concrete site and the head/neuron selection."""
+    """What an intervention may need besides the value: the concrete site, the head/neuron selection and the
+    attention mask of the tokens in this forward pass."""
 
     site: Site
     select: Callable[[torch.Tensor], torch.Tensor]
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +155,11 @@ class Patch(Intervention):
 
     def transform(self, x: torch.Tensor, ctx: OpContext | None) -> torch.Tensor:
         assert ctx is not None
-        full = self.source if isinstance(self.source, torch.Tensor) else self.source.full(ctx.site)
+        if isinstance(self.source, torch.Tensor):
+            full = self.source
+        else:
+            full = self.source.full(ctx.site)
+            _check_same_padding(self.source.attention_mask, ctx.attention_mask, ctx.site)
         src = ctx.select(full)
         if src.shape != x.shape:
             raise ShapeMismatchError(
@@ -161,6 +167,17 @@ class Patch(Intervention):
                 "run the source with the same batch size and token length (pad or align the prompts), "
                 "and cache it without positions=")
         return _to(src, x)
+
+
+def _check_same_padding(source: torch.Tensor | None, current: torch.Tensor | None, site: Site) -> None:
+    if source is None or current is None or source.shape != current.shape:
+        return  # shape mismatches are reported with the values' shapes
+    if not torch.equal(source.to(current.device).bool(), current.bool()):
+        raise ShapeMismatchError(
+            f"a patch source whose real tokens sit at the same positions as this run's (at {site})",
+            "a different padding layout (e.g. right-padded source, left-padded generate)",
+            "run the source with the same inputs and padding side (lm.to_batch(..., padding_side='left') "
+            "matches generate), or pass an aligned tensor as source")
 
 
 @dataclass(frozen=True, kw_only=True)

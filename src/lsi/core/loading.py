@@ -64,7 +64,7 @@ def load(model: str | Path | nn.Module, tokenizer: Any = None, *, dtype: str | t
             kwargs["attn_implementation"] = attn_implementation
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise InputError("a model directory with config.json and weights, or a reachable hub id", repr(str(model)),
                              f"check the path (HF said: {str(err).splitlines()[0]})") from err
         if device is not None:

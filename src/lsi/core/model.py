@@ -217,9 +217,10 @@ class LanguageModel:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise InputError("a metric returning a scalar tensor", f"{shape}",
                                  "reduce it, e.g. metric(...).mean() or .sum()")
-            grads = torch.autograd.grad(value, [session.probes[str(s)] for s in concrete], allow_unused=True)
-        grad_values = {str(s): (g if g is not None else torch.zeros_like(session.probes[str(s)])).detach()
-                       for s, g in zip(concrete, grads, strict=True)}
+            probes = session.probes
+            grads = torch.autograd.grad(value, list(probes.values()), allow_unused=True)
+        grad_values = {key: (g if g is not None else torch.zeros_like(probes[key])).detach()
+                       for key, g in zip(probes, grads, strict=True)}
         common: dict[str, Any] = dict(n_layers=self.dims.n_layers, input_ids=batch.input_ids,
                                       attention_mask=batch.attention_mask)
         return GradResult(value.detach(), ActivationCache(session.values, logits=logits.detach(), **common),

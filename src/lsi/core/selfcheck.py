@@ -58,7 +58,7 @@ class SelfCheckResult:
 
 def _compare(name: str, got: torch.Tensor, want: torch.Tensor) -> CheckResult:
     rel = 1e-4 if want.dtype == torch.float32 else 1e-5 if want.dtype == torch.float64 else 3e-2
-    err = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("inf")
+    err = float((got.detach().float() - want.detach().float()).abs().max()) if got.shape == want.shape else float("inf")
     return CheckResult(name, err, rel * (1.0 + float(want.float().abs().max())))
 
 

@@ -28,9 +28,10 @@ SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "u
 GROUND_TRUTH_FILE = "ground_truth.json"
 _log = logging.getLogger(__name__)
 
-# A batch is input ids [batch, pos] and an optional loss mask [batch, pos] (True where the token at that
-# position is a prediction target, i.e. it is predicted from the position before it).
-Batch = tuple["torch.Tensor", "torch.Tensor | None"]
+# A batch is input ids [batch, pos] and a loss mask [batch, pos] (True where the token at that position is a
+# prediction target, i.e. it is predicted from the position before it), None for every token, or whatever a
+# custom ``loss_fn`` takes instead.
+Batch = tuple["torch.Tensor", Any]
 
 
 def seed_everything(seed: int, *, threads: int = 1) -> torch.Generator:
@@ -66,6 +67,18 @@ def build_word_tokenizer(words: Sequence[str], specials: dict[str, str] | None =
     return PreTrainedTokenizerFast(tokenizer_object=core, **specials)
 
 
+def new_model(model_type: str, tokenizer: PreTrainedTokenizerFast, **config: Any) -> Any:
+    """A randomly initialized causal LM of ``model_type`` sized to ``tokenizer`` and using its special tokens.
+
+    ``config`` holds the remaining config fields (width, depth, heads, ``tie_word_embeddings``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over targets ``input_ids[:, 1:]`` where ``loss_mask[:, 1:]`` is True."""
     import torch.nn.functional as F
@@ -88,7 +101,7 @@ def train_lm(
     weight_decay: float = 0.0,
     warmup: int = 0,
     grad_clip: float = 1.0,
-    loss_fn: Callable[[PreTrainedModel, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, torch.Tensor, Any], torch.Tensor] | None = None,
     log_every: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` with AdamW on ``batches_fn(step)`` for ``steps`` steps; return training figures.
