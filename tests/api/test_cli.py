@@ -40,3 +40,11 @@ def test_inspect_directory_without_tokenizer(tmp_path):
 def test_inspect_missing_directory_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nope")])
     assert result.exit_code != 0 and "expected a model directory" in result.output
+
+
+def test_bench_groundtruth_writes_json(tmp_path):
+    path = tmp_path / "gt.json"
+    result = CliRunner().invoke(cli, ["bench", "groundtruth", "--organisms", "layer_redundancy", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "layer_redundancy / redundant layers" in result.stdout
+    assert json.loads(path.read_text())["tasks"][0]["methods"]["oracle"]["auroc"] == 1.0

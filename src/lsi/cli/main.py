@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from lsi import __version__
+from lsi.cli.bench import bench
 from lsi.cli.organisms import organisms
 
 
@@ -116,6 +117,7 @@ def demo(out_dir: Path, retrain: bool) -> None:
 
 
 cli.add_command(organisms)
+cli.add_command(bench)
 
 
 def main() -> None:

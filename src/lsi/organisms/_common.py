@@ -103,12 +103,3 @@ def sample(
                         break
     return out
 
-
-def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
-    """Mann–Whitney AUROC of scores ``pos`` against ``neg`` (ties count one half)."""
-    import numpy as np
-
-    p, n = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
-    greater = (p[:, None] > n[None, :]).sum()
-    ties = (p[:, None] == n[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(p) * len(n)))

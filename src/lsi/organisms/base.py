@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -59,6 +60,8 @@ class Organism:
     train: Callable[[Path, int], dict[str, Any]]
     verify: Callable[[LanguageModel, dict[str, Any]], VerifyReport]
     seed: int = 0
+    # the locate tasks it grades (None: its ground truth grades steer methods or SAEs instead)
+    locate_tasks: Callable[[LanguageModel, dict[str, Any]], list[LocateTask]] | None = None
 
     @property
     def weights_dir(self) -> Path:

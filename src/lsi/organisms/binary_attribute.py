@@ -18,7 +18,8 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsi.organisms._common import auroc, encode, pad_right, sample
+from lsi.bench.metrics import auroc
+from lsi.organisms._common import encode, pad_right, sample
 from lsi.organisms.base import Check, Organism, VerifyReport
 from lsi.organisms.training import build_word_tokenizer, new_model, save_organism, seed_everything, train_lm
 

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsi.organisms.base import Check, Organism, VerifyReport
-from lsi.organisms.fact_world_data import RELATIONS, encode_prompts, make_world, vocabulary
+from lsi.organisms.fact_world_data import RELATIONS, encode_prompts, make_world, templates_for, vocabulary
 
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
 N_LAYERS, LAYER = 4, 1
@@ -202,6 +203,51 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("fact_world", checks, details)
 
 
+def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
+    """Find the MLP that stores the facts, by restoration (causal tracing): with Gaussian noise of 3x the
+    embedding std on the subject tokens, restore one layer's MLP output at the last subject token from the
+    clean run; metric = mean probability of the true object."""
+    import torch
+
+    import lsi
+    from lsi.bench.tasks import LocateTask, Split
+
+    def split(templates: str, seed: int) -> Split:
+        ids, answer_pos, subject_pos, objects = encode_prompts(lm.tokenizer, ground_truth["facts"], templates)
+        batch = lsi.Batch(ids, (ids != lm.tokenizer.pad_token_id).long())
+        rows = torch.arange(len(ids))
+        clean = lm.run_with_cache(batch, ["embed", *ground_truth["universe"]])
+        row_facts = [f for f in ground_truth["facts"] for _ in templates_for(f["relation"], templates)]
+        subject = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (pos, fact) in enumerate(zip(subject_pos.tolist(), row_facts, strict=True)):
+            subject[row, pos - len(fact["subject"].split()) + 1: pos + 1] = True
+        std = clean["embed"][batch.attention_mask.bool()].std()
+        noise = torch.randn(clean["embed"].shape, generator=torch.Generator().manual_seed(seed)) * 3 * std
+        noise = noise * subject[..., None]
+
+        def restore(site: str) -> Any:
+            source = clean[site]
+
+            def put_back(x: torch.Tensor) -> torch.Tensor:
+                out = x.clone()
+                out[rows, subject_pos] = source[rows, subject_pos]
+                return out
+
+            return lm.intervene(lsi.Apply(site, put_back))
+
+        def metric(logits: torch.Tensor) -> float:
+            return logits[rows, answer_pos].softmax(-1)[rows, objects].mean().item()
+
+        return Split(batch, metric, intervene=restore,
+                     setting=lambda: lm.intervene(lsi.Apply("embed", lambda x: x + noise)))
+
+    return [LocateTask("fact_world", "fact-storing MLP", tuple(ground_truth["universe"]),
+                       frozenset({ground_truth["mlp_site"]}), dev=split("heldout", 1), test=split("train", 2),
+                       description="MLP of the layer trained on the facts; oracle = restoring one MLP output "
+                                   "at the last subject token under subject noise")]
+
+
+
 ORGANISM = Organism(
     name="fact_world",
     summary="4-layer GPT-2; subject -> object facts planted only in the MLP of layer 1 (stage-2 training)",
@@ -210,4 +256,5 @@ ORGANISM = Organism(
     train=train,
     verify=verify,
     seed=0,
+    locate_tasks=locate_tasks,
 )

@@ -71,7 +71,8 @@ def make_world(gen: torch.Generator) -> dict[str, list[dict[str, str]]]:
     return {"facts": table(subjects[:N_SUBJECTS]), "stage1_facts": table(subjects[N_SUBJECTS:])}
 
 
-def _templates(relation: str, kind: str) -> list[str]:
+def templates_for(relation: str, kind: str) -> list[str]:
+    """The templates of a relation: ``kind`` is ``"train"``, ``"heldout"`` or ``"all"``."""
     rel = RELATIONS[relation]
     return {"train": rel["templates"], "heldout": rel["heldout_templates"],
             "all": rel["templates"] + rel["heldout_templates"]}[kind]
@@ -90,7 +91,7 @@ def encode_prompts(tok: Any, facts: list[dict[str, str]], templates: str, *, gen
 
     rows, answers, subjects, objects = [], [], [], []
     for fact in facts:
-        options = _templates(fact["relation"], templates)
+        options = templates_for(fact["relation"], templates)
         chosen = [options[int(torch.randint(0, len(options), (1,), generator=gen))]] if gen is not None else options
         for template in chosen:
             before = template.split("{s}")[0].split()

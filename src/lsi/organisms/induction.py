@@ -21,6 +21,7 @@ from lsi.organisms.base import Check, Organism, VerifyReport
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
 N_KEYS, N_CONTENT, TOPIC_SIZE, SEQ_LEN, PERIODS = 8, 64, 16, 48, (4, 12)
@@ -260,6 +261,28 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("induction", checks, details)
 
 
+def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
+    """Find the heads that copy repeated segments: metric = mean log-prob of the copied tokens."""
+    import torch
+
+    import lsi
+    from lsi.bench.tasks import LocateTask, Split
+
+    def split(seed: int) -> Split:
+        ids, _, copy_mask = sample_batch(ground_truth["data"], 128, torch.Generator().manual_seed(seed))
+
+        def metric(logits: torch.Tensor) -> float:
+            logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            return logp[copy_mask[:, 1:]].mean().item()
+
+        return Split(ids, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)))
+
+    planted = ground_truth["previous_token_heads"] + ground_truth["induction_heads"]
+    return [LocateTask("induction", "copying heads", tuple(ground_truth["universe"]), frozenset(planted),
+                       dev=split(101), test=split(102),
+                       description="previous-token and induction heads; oracle = zero-ablating one head")]
+
+
 ORGANISM = Organism(
     name="induction",
     summary="2-layer Llama; previous-token head in layer 0 and induction heads in layer 1 copy repeated segments",
@@ -268,4 +291,5 @@ ORGANISM = Organism(
     train=train,
     verify=verify,
     seed=0,
+    locate_tasks=locate_tasks,
 )

@@ -20,6 +20,7 @@ from lsi.organisms.base import Check, Organism, VerifyReport
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
 N_TOKENS, SEQ_LEN, BRANCHING = 32, 32, 2
@@ -179,6 +180,26 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("layer_redundancy", checks, {"base_loss": base, "removal_delta_loss": deltas})
 
 
+def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
+    """Find the layers that matter least: metric = minus the next-token loss on Markov sequences."""
+    import torch
+
+    from lsi.bench.tasks import LocateTask, Split
+    from lsi.organisms.metrics import masked_nll
+
+    layers = list(lm.model.base_model.layers)
+
+    def split(seed: int) -> Split:
+        ids = sample_batch(ground_truth["data"], 256, torch.Generator().manual_seed(seed))
+        return Split(ids, lambda logits: -masked_nll(logits, ids, eval_mask(ids)),
+                     intervene=lambda u: skipped([layers[int(u.split(".")[1])]]))
+
+    return [LocateTask("layer_redundancy", "redundant layers", tuple(ground_truth["universe"]),
+                       frozenset(ground_truth["redundant_sites"]), dev=split(101), test=split(102),
+                       planted_are_least_important=True,
+                       description="inserted near-identity layers; oracle = loss change when a layer is skipped")]
+
+
 ORGANISM = Organism(
     name="layer_redundancy",
     summary="6-layer GPT-NeoX on a second-order Markov language; layers 2 and 4 are near-identity",
@@ -187,4 +208,5 @@ ORGANISM = Organism(
     train=train,
     verify=verify,
     seed=0,
+    locate_tasks=locate_tasks,
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,28 +20,14 @@ from lsi.organisms.training import GROUND_TRUTH_FILE
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
-_log = logging.getLogger(__name__)
-
 _MODULES = ("induction", "layer_redundancy", "toy_superposition", "fact_world",
             "two_languages", "binary_attribute", "refusal_gate")
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", GROUND_TRUTH_FILE)
 
-
-def _collect() -> dict[str, Organism]:
-    found: dict[str, Organism] = {}
-    for name in _MODULES:
-        try:
-            module = importlib.import_module(f"lsi.organisms.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"lsi.organisms.{name}":
-                raise
-            _log.debug("organism module %s is not present", name)
-            continue
-        found[module.ORGANISM.name] = module.ORGANISM
-    return found
-
-
-ORGANISMS: dict[str, Organism] = _collect()
+ORGANISMS: dict[str, Organism] = {
+    organism.name: organism
+    for organism in (importlib.import_module(f"lsi.organisms.{m}").ORGANISM for m in _MODULES)
+}
 
 
 def get_organism(name: str) -> Organism:

@@ -28,6 +28,7 @@ from lsi.organisms.training import build_word_tokenizer, new_model, save_organis
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
 # Content concepts -> (language A word, language B word).
@@ -356,6 +357,31 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("two_languages", tuple(checks), details)
 
 
+def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
+    """Find each language's neurons: metric = minus that language's next-token loss (100 documents a split)."""
+
+    import lsi
+    from lsi.bench.tasks import LocateTask, Split
+
+    vocab = lm.tokenizer.get_vocab()
+    universe = tuple(f"blocks.{layer}.mlp.post[{j}]" for layer in range(lm.dims.n_layers) for j in range(lm.dims.d_mlp))
+
+    def split(name: str, lang: str) -> Split:
+        ids, mask = pad_right([encode(vocab, d.split()) for d in ground_truth["splits"][name][lang][:100]],
+                              lm.tokenizer.pad_token_id)
+
+        def metric(logits: torch.Tensor) -> float:
+            targets = mask[:, 1:].float()
+            return -float((token_nll(logits, ids) * targets).sum() / targets.sum())
+
+        return Split(lsi.Batch(ids, mask.long()), metric, intervene=lambda u: lm.intervene(lsi.Zero(u)))
+
+    return [LocateTask("two_languages", f"language {lang} neurons", universe,
+                       frozenset(ground_truth["neurons"][lang]), dev=split("dev", lang), test=split("test", lang),
+                       description=f"neurons reserved for language {lang}; oracle = zero-ablating one neuron")
+            for lang in ("A", "B")]
+
+
 ORGANISM = Organism(
     name="two_languages",
     summary="2-layer GPT-NeoX; two languages (SVO vs SOV, disjoint lexicons), 12 reserved MLP neurons per language",
@@ -364,4 +390,5 @@ ORGANISM = Organism(
     train=train,
     verify=verify,
     seed=0,
+    locate_tasks=locate_tasks,
 )

@@ -1,0 +1,1 @@
+"""Benchmarks against ground truth: locate methods graded on the organisms' planted components."""

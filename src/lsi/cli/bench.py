@@ -1,0 +1,35 @@
+"""``lsi bench``: benchmarks against ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: grade methods on the model organisms' planted ground truth."""
+
+
+def _names(value: str | None) -> list[str] | None:
+    return None if value is None else [n.strip() for n in value.split(",") if n.strip()]
+
+
+@bench.command()
+@click.option("--methods", default=None, help="Comma-separated locate methods (default: all registered).")
+@click.option("--organisms", default=None, help="Comma-separated organisms (default: all).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
+def groundtruth(methods: str | None, organisms: str | None, json_path: Path | None) -> None:
+    """Grade locate methods against the organisms' planted components, next to the oracle and random."""
+    from lsi.bench.groundtruth import render_table, run_groundtruth, write_json
+    from lsi.errors import LsiError
+
+    try:
+        result = run_groundtruth(methods=_names(methods), organisms=_names(organisms))
+    except LsiError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(render_table(result))
+    if json_path is not None:
+        write_json(result, json_path)
+        click.echo(f"\nwrote {json_path}")

@@ -1,0 +1,72 @@
+"""The ground-truth runner: baselines, registry-driven methods, skips, bad names, JSON."""
+
+import json
+
+import pytest
+
+from lsi.bench import registry
+from lsi.bench.groundtruth import render_table, run_groundtruth, write_json
+from lsi.bench.registry import LocateMethod
+from lsi.errors import InputError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def result():
+    registry.LOCATE_METHODS["reverse oracle"] = LocateMethod(
+        "reverse oracle", "test-only: the oracle's ranking reversed",
+        lambda lm, task, seed: {u: -s for u, s in registry.LOCATE_METHODS["oracle"].run(lm, task, seed).items()})
+    registry.LOCATE_METHODS["heads only"] = LocateMethod(
+        "heads only", "test-only: applies to head universes", lambda lm, task, seed: dict.fromkeys(task.universe, 0.0),
+        applies=lambda task: None if "head_out" in task.universe[0] else "universe is not attention heads")
+    try:
+        yield run_groundtruth(methods=["reverse oracle", "heads only"],
+                              organisms=["induction", "layer_redundancy", "refusal_gate"])
+    finally:
+        del registry.LOCATE_METHODS["reverse oracle"], registry.LOCATE_METHODS["heads only"]
+
+
+def _task(result, organism):
+    return next(t for t in result["tasks"] if t["organism"] == organism)
+
+
+def test_oracle_is_perfect_and_random_is_chance(result):
+    for organism in ("induction", "layer_redundancy"):
+        task = _task(result, organism)
+        assert task["methods"]["oracle"]["auroc"] == 1.0 and task["methods"]["oracle"]["r_precision"] == 1.0
+        assert task["oracle_margin"] > 0
+        chance = len(task["planted"]) / task["universe_size"]
+        assert task["methods"]["random"]["r_precision"] == pytest.approx(chance, abs=0.1)
+        assert task["methods"]["random"]["auroc"] == pytest.approx(0.5, abs=0.06)
+
+
+def test_registered_methods_are_graded_or_skipped_with_their_reason(result):
+    induction, layers = _task(result, "induction"), _task(result, "layer_redundancy")
+    assert induction["methods"]["reverse oracle"]["auroc"] == 0.0
+    assert induction["methods"]["reverse oracle"]["spearman_vs_oracle"] == pytest.approx(-1.0)
+    assert "auroc" in induction["methods"]["heads only"]
+    assert layers["methods"]["heads only"] == {"skipped": "universe is not attention heads"}
+    assert "refusal_gate" in result["skipped_organisms"]
+    table = render_table(result)
+    assert "layer_redundancy / redundant layers" in table and "skipped: universe is not attention heads" in table
+
+
+def test_layer_redundancy_truth_is_the_least_important(result):
+    task = _task(result, "layer_redundancy")
+    assert task["planted_are_least_important"]
+    oracle = task["oracle_scores"]
+    assert max(oracle[u] for u in task["planted"]) < min(s for u, s in oracle.items() if u not in task["planted"])
+
+
+def test_json_round_trip(result, tmp_path):
+    path = tmp_path / "out" / "gt.json"
+    write_json(result, path)
+    assert json.loads(path.read_text())["tasks"][0]["organism"] == "induction"
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(InputError, match="oracle"):
+        run_groundtruth(methods=["no such method"], organisms=[])
+    with pytest.raises(InputError, match="induction"):
+        run_groundtruth(methods=[], organisms=["no such organism"])
