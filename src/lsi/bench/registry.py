@@ -52,6 +52,9 @@ def register_locate_method(method: LocateMethod) -> LocateMethod:
 
 def get_locate_methods(names: list[str] | None) -> list[LocateMethod]:
     """The methods to grade: the baselines first, then ``names`` (all registered ones when ``None``)."""
+    from lsi.bench.methods import load_all
+
+    load_all()
     wanted = list(LOCATE_METHODS) if names is None else names
     unknown = [n for n in wanted if n not in LOCATE_METHODS]
     if unknown:

@@ -33,6 +33,7 @@ from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import SITE_KINDS, Site, as_sites
 from lsi.core.weights import Weights
 from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
+from lsi.locate.metrics import evaluate
 
 SiteSpec = str | Site | Sequence[str | Site]
 Metric = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -212,11 +213,7 @@ class LanguageModel:
         with torch.enable_grad(), HookSession(self.model, self.spec, self.dims, cache=concrete,
                                               grads=concrete) as session:
             logits = self._call(batch).logits
-            value = metric(logits, batch)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise InputError("a metric returning a scalar tensor", f"{shape}",
-                                 "reduce it, e.g. metric(...).mean() or .sum()")
+            value = evaluate(metric, logits, batch)
             probes = session.probes
             grads = torch.autograd.grad(value, list(probes.values()), allow_unused=True)
         grad_values = {key: (g if g is not None else torch.zeros_like(probes[key])).detach()

@@ -210,7 +210,7 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     import torch
 
     import lsi
-    from lsi.bench.tasks import LocateTask, Split
+    from lsi.bench.tasks import LocateTask, Run, Split
 
     def split(templates: str, seed: int) -> Split:
         ids, answer_pos, subject_pos, objects = encode_prompts(lm.tokenizer, ground_truth["facts"], templates)
@@ -235,11 +235,14 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
 
             return lm.intervene(lsi.Apply(site, put_back))
 
-        def metric(logits: torch.Tensor) -> float:
-            return logits[rows, answer_pos].softmax(-1)[rows, objects].mean().item()
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            return logits[rows, answer_pos].float().softmax(-1)[rows, objects].mean()
 
-        return Split(batch, metric, intervene=restore,
-                     setting=lambda: lm.intervene(lsi.Apply("embed", lambda x: x + noise)))
+        def noised() -> Any:
+            return lm.intervene(lsi.Apply("embed", lambda x: x + noise))
+
+        return Split(batch, metric, intervene=restore, setting=noised, clean=Run(batch),
+                     corrupted=Run(batch, noised))
 
     return [LocateTask("fact_world", "fact-storing MLP", tuple(ground_truth["universe"]),
                        frozenset({ground_truth["mlp_site"]}), dev=split("heldout", 1), test=split("train", 2),

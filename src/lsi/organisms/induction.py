@@ -261,21 +261,39 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("induction", checks, details)
 
 
+def _without_first_copy(ids: torch.Tensor, copy_mask: torch.Tensor, data: dict[str, Any],
+                        gen: torch.Generator) -> torch.Tensor:
+    """The patching counterfactual: the first copy of each repeated segment replaced by fresh random tokens, so
+    the second copy (same tokens, same positions) can no longer be predicted from context."""
+    import torch
+
+    corrupt = ids.clone()
+    first, n_content = data["first_content_id"], data["n_content"]
+    for row in range(len(ids)):
+        copied = copy_mask[row].nonzero().flatten()
+        period = len(copied) + 1
+        start = int(copied[0]) - period - 1
+        corrupt[row, start:start + period] = torch.randint(first, first + n_content, (period,), generator=gen)
+    return corrupt
+
+
 def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
     """Find the heads that copy repeated segments: metric = mean log-prob of the copied tokens."""
     import torch
 
     import lsi
-    from lsi.bench.tasks import LocateTask, Split
+    from lsi.bench.tasks import LocateTask, Run, Split
 
     def split(seed: int) -> Split:
-        ids, _, copy_mask = sample_batch(ground_truth["data"], 128, torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        ids, _, copy_mask = sample_batch(ground_truth["data"], 128, gen)
 
-        def metric(logits: torch.Tensor) -> float:
-            logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            return logp[copy_mask[:, 1:]].mean().item()
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            return logp[copy_mask[:, 1:]].mean()
 
-        return Split(ids, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)))
+        return Split(ids, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)), clean=Run(ids),
+                     corrupted=Run(_without_first_copy(ids, copy_mask, ground_truth["data"], gen)))
 
     planted = ground_truth["previous_token_heads"] + ground_truth["induction_heads"]
     return [LocateTask("induction", "copying heads", tuple(ground_truth["universe"]), frozenset(planted),

@@ -185,13 +185,13 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     import torch
 
     from lsi.bench.tasks import LocateTask, Split
-    from lsi.organisms.metrics import masked_nll
+    from lsi.organisms.training import lm_loss
 
     layers = list(lm.model.base_model.layers)
 
     def split(seed: int) -> Split:
         ids = sample_batch(ground_truth["data"], 256, torch.Generator().manual_seed(seed))
-        return Split(ids, lambda logits: -masked_nll(logits, ids, eval_mask(ids)),
+        return Split(ids, lambda logits: -lm_loss(logits, ids, eval_mask(ids)),
                      intervene=lambda u: skipped([layers[int(u.split(".")[1])]]))
 
     return [LocateTask("layer_redundancy", "redundant layers", tuple(ground_truth["universe"]),

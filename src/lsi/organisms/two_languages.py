@@ -366,15 +366,20 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     vocab = lm.tokenizer.get_vocab()
     universe = tuple(f"blocks.{layer}.mlp.post[{j}]" for layer in range(lm.dims.n_layers) for j in range(lm.dims.d_mlp))
 
-    def split(name: str, lang: str) -> Split:
+    def batch(name: str, lang: str) -> Any:
         ids, mask = pad_right([encode(vocab, d.split()) for d in ground_truth["splits"][name][lang][:100]],
                               lm.tokenizer.pad_token_id)
+        return lsi.Batch(ids, mask.long())
 
-        def metric(logits: torch.Tensor) -> float:
-            targets = mask[:, 1:].float()
-            return -float((token_nll(logits, ids) * targets).sum() / targets.sum())
+    def split(name: str, lang: str) -> Split:
+        data = batch(name, lang)
 
-        return Split(lsi.Batch(ids, mask.long()), metric, intervene=lambda u: lm.intervene(lsi.Zero(u)))
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            targets = data.attention_mask[:, 1:].float()
+            return -(token_nll(logits, data.input_ids) * targets).sum() / targets.sum()
+
+        return Split(data, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)),
+                     datasets={"target": data, "other": batch(name, "B" if lang == "A" else "A")})
 
     return [LocateTask("two_languages", f"language {lang} neurons", universe,
                        frozenset(ground_truth["neurons"][lang]), dev=split("dev", lang), test=split("test", lang),

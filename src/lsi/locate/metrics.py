@@ -1,0 +1,167 @@
+"""Metrics: scalar functions of the logits that locate methods explain.
+
+A metric is any callable ``metric(logits, batch) -> scalar tensor`` (differentiable, so gradient methods can use
+it). The ready-made ones read the last real token of each row (padding-aware) unless said otherwise, average over
+the batch, and carry a ``name`` that results record.
+
+Example:
+    >>> import torch
+    >>> from lsi.core.inputs import Batch
+    >>> batch = Batch(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    >>> logits = torch.zeros(1, 3, 5); logits[0, 2, 4] = 2.0
+    >>> logit_diff(4, 0)(logits, batch).item()
+    2.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lsi.core.inputs import Batch
+from lsi.errors import InputError
+
+Tokens = int | Sequence[int] | torch.Tensor  # one id for every row, or one per row
+TokenSets = Sequence[int] | Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named scalar function of ``(logits, batch)``."""
+
+    name: str
+    fn: Callable[[torch.Tensor, Batch], torch.Tensor]
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.fn(logits, batch)
+
+
+def evaluate(metric: Callable[[torch.Tensor, Batch], torch.Tensor], logits: torch.Tensor,
+             batch: Batch) -> torch.Tensor:
+    """``metric(logits, batch)``, refused unless it is a scalar tensor."""
+    value = metric(logits, batch)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError("a metric returning a scalar tensor", found, "reduce it, e.g. metric(...).mean() or .sum()")
+    return value.reshape(())
+
+
+def metric_name(metric: object) -> str:
+    return str(getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__)))
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (works for left and right padding)."""
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(1).long().argmax(1)
+
+
+def _last_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last_positions(batch.attention_mask).to(logits.device)]
+
+
+def _per_row(tokens: Tokens, n: int, device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
+    if ids.numel() == 1:
+        return ids.expand(n)
+    if ids.numel() != n:
+        raise InputError(f"one target id, or one per row ({n} rows)", f"{ids.numel()} ids",
+                         "pass an int or a list with one id per prompt")
+    return ids
+
+
+def logit(target: Tokens) -> Metric:
+    """Mean logit of ``target`` at the last real token."""
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        last = _last_logits(logits, batch)
+        return last.gather(-1, _per_row(target, len(last), last.device)[:, None]).mean()
+    return Metric(f"logit[{_describe(target)}]", fn)
+
+
+def logit_diff(correct: Tokens, incorrect: Tokens) -> Metric:
+    """Mean ``logit(correct) - logit(incorrect)`` at the last real token."""
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        last = _last_logits(logits, batch)
+        n, dev = len(last), last.device
+        return (last.gather(-1, _per_row(correct, n, dev)[:, None])
+                - last.gather(-1, _per_row(incorrect, n, dev)[:, None])).mean()
+    return Metric(f"logit_diff[{_describe(correct)} - {_describe(incorrect)}]", fn)
+
+
+def prob_diff(tokens_a: TokenSets, tokens_b: TokenSets) -> Metric:
+    """Mean ``P(any of tokens_a) - P(any of tokens_b)`` at the last real token (token sets shared by all rows)."""
+    a, b = _id_set(tokens_a), _id_set(tokens_b)
+
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        probs = _last_logits(logits, batch).float().softmax(-1)
+        return (probs[:, a].sum(-1) - probs[:, b].sum(-1)).mean()
+    return Metric(f"prob_diff[{len(a)} vs {len(b)} tokens]", fn)
+
+
+def target_logprob(target_lengths: int | Sequence[int]) -> Metric:
+    """Mean log-probability of the (multi-token) target that ends each row: the last ``target_lengths`` real
+    tokens, teacher-forced. Build such inputs with :func:`append_targets`."""
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None].to(logits.device))
+        n = logits.shape[0]
+        lengths = _per_row(target_lengths, n, logits.device)
+        ends = last_positions(batch.attention_mask).to(logits.device)  # index of each row's last token
+        pos = torch.arange(logits.shape[1] - 1, device=logits.device)[None]  # predicts token pos + 1
+        in_target = (pos + 1 > ends[:, None] - lengths[:, None]) & (pos + 1 <= ends[:, None])
+        return (logp.squeeze(-1) * in_target).sum(-1).mean()
+    return Metric("target_logprob", fn)
+
+
+def append_targets(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> tuple[list[list[int]],
+                                                                                                     Metric]:
+    """Rows ``prompt + target`` and the :func:`target_logprob` metric that scores each target."""
+    if len(prompts) != len(targets):
+        raise InputError("one target per prompt", f"{len(prompts)} prompts, {len(targets)} targets",
+                         "pass lists of equal length")
+    if any(len(t) == 0 for t in targets):
+        raise InputError("targets of at least one token", "an empty target", "drop it or give its tokens")
+    rows = [[*p, *t] for p, t in zip(prompts, targets, strict=True)]
+    return rows, target_logprob([len(t) for t in targets])
+
+
+def loss() -> Metric:
+    """Mean next-token cross-entropy over real tokens (larger = worse)."""
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None].to(logits.device))
+        real = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(logits.device).float()
+        return -(logp.squeeze(-1) * real).sum() / real.sum().clamp_min(1)
+    return Metric("loss", fn)
+
+
+def kl_to(reference_logits: torch.Tensor, *, positions: str = "last") -> Metric:
+    """Mean KL(reference ‖ current) at the last real token (``positions="all"``: every real token)."""
+    if positions not in ("last", "all"):
+        raise InputError("positions 'last' or 'all'", repr(positions), "pick one")
+
+    def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        ref = reference_logits.to(logits.device)
+        if positions == "last":
+            p, q = _last_logits(ref, batch), _last_logits(logits, batch)
+            weights = torch.ones(len(p), device=logits.device)
+        else:
+            p, q = ref.flatten(0, 1), logits.flatten(0, 1)
+            weights = batch.attention_mask.flatten().to(logits.device).float()
+        logp, logq = p.float().log_softmax(-1), q.float().log_softmax(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        return (kl * weights).sum() / weights.sum()
+    return Metric(f"kl_to_reference[{positions}]", fn)
+
+
+def _id_set(tokens: TokenSets) -> list[int]:
+    flat = [int(t) for item in tokens for t in (item if isinstance(item, Sequence) else [item])]
+    if not flat:
+        raise InputError("a non-empty token set", "no ids", "pass at least one token id")
+    return sorted(set(flat))
+
+
+def _describe(tokens: Tokens) -> str:
+    ids = torch.as_tensor(tokens).flatten().tolist()
+    return str(ids[0]) if len(ids) == 1 else f"{len(ids)} ids"

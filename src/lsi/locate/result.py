@@ -1,0 +1,196 @@
+"""LocateResult: the one result type of every locate method.
+
+Scores live in a tensor whose axes are named and labelled (``layer × position``, ``layer × head``, or a single
+``object`` axis of site names). Every cell is one object of the universe; its label joins the axis labels with
+``@`` (``"blocks.3.resid_pre@5"``), or is the single axis label. The result records the method, the metric and
+the settings that produced it, and turns into a selection another method can consume.
+
+Example:
+    >>> import torch
+    >>> r = LocateResult(torch.tensor([[0.1, 0.9], [0.4, -0.2]]), (("layer", ("0", "1")), ("head", ("0", "1"))),
+    ...                  method="demo", metric="logit_diff")
+    >>> r.top(2)
+    [('0@1', 0.9), ('1@0', 0.4)]
+    >>> r.mask(k=1).tolist()
+    [[False, True], [False, False]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lsi.errors import InputError
+
+Axis = tuple[str, tuple[str, ...]]  # (axis name, one label per index)
+By = Literal["signed", "abs"]
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """Scores over a named universe. ``axes`` names each dimension of ``scores`` and labels every index.
+
+    ``higher = more important`` for ``by="signed"``; ``by="abs"`` ranks by magnitude (effects of either sign).
+    """
+
+    scores: torch.Tensor
+    axes: tuple[Axis, ...]
+    method: str
+    metric: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        scores = self.scores.detach().to("cpu", torch.float32)
+        axes = tuple((str(name), tuple(str(x) for x in labels)) for name, labels in self.axes)
+        shape = tuple(len(labels) for _, labels in axes)
+        if tuple(scores.shape) != shape:
+            raise InputError(f"scores shaped like the axes {shape}", f"shape {tuple(scores.shape)}",
+                             "give one label per index on every axis")
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "axes", axes)
+
+    @classmethod
+    def over(cls, labels: Sequence[str], scores: torch.Tensor | Sequence[float], *, method: str, metric: str = "",
+             axis: str = "object", **settings: Any) -> LocateResult:
+        """A result over a flat list of objects (site names, layers, edges, parameters)."""
+        return cls(torch.as_tensor(scores, dtype=torch.float32), ((axis, tuple(labels)),), method=method,
+                   metric=metric, settings=settings)
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.scores.shape)
+
+    @property
+    def labels(self) -> list[str]:
+        """One label per cell, in row-major order (the order of ``scores.flatten()``)."""
+        out = [""]
+        for i, (_, labels) in enumerate(self.axes):
+            out = [f"{prefix}@{label}" if i else label for prefix in out for label in labels]
+        return out
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.labels, self.scores.flatten().tolist(), strict=True))
+
+    def _order(self, by: By) -> torch.Tensor:
+        flat = self.scores.flatten()
+        key = flat.abs() if by == "abs" else flat
+        key = torch.where(torch.isnan(key), torch.full_like(key, -math.inf), key)
+        return torch.argsort(key, descending=True, stable=True)
+
+    def top(self, k: int, *, by: By = "signed") -> list[tuple[str, float]]:
+        """The ``k`` highest-scoring objects with their scores."""
+        labels, flat = self.labels, self.scores.flatten()
+        return [(labels[i], float(flat[i])) for i in self._order(by)[:k].tolist()]
+
+    def above(self, threshold: float, *, by: By = "signed") -> list[str]:
+        """Labels of the objects whose score (or |score|) is at least ``threshold``, best first."""
+        flat = self.scores.flatten()
+        key = flat.abs() if by == "abs" else flat
+        labels = self.labels
+        return [labels[i] for i in self._order(by).tolist() if key[i] >= threshold]
+
+    def mask(self, *, k: int | None = None, threshold: float | None = None, by: By = "signed") -> torch.Tensor:
+        """Boolean tensor shaped like ``scores``: the top ``k`` cells, or the cells at or above ``threshold``."""
+        if (k is None) == (threshold is None):
+            raise InputError("exactly one of k= and threshold=", f"k={k}, threshold={threshold}",
+                             "e.g. result.mask(k=5)")
+        flat = torch.zeros(self.scores.numel(), dtype=torch.bool)
+        if k is not None:
+            flat[self._order(by)[:k]] = True
+        else:
+            key = self.scores.flatten().abs() if by == "abs" else self.scores.flatten()
+            flat = key >= float(threshold)  # type: ignore[arg-type]
+        return flat.reshape(self.scores.shape)
+
+    def select(self, *, k: int | None = None, threshold: float | None = None, by: By = "signed") -> list[str]:
+        """Labels of the selected objects (best first): what a steering method takes as its target."""
+        chosen = set(self.mask(k=k, threshold=threshold, by=by).flatten().nonzero().flatten().tolist())
+        labels = self.labels
+        return [labels[i] for i in self._order(by).tolist() if i in chosen]
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.json`` (axes, method, metric, settings) and ``path.safetensors`` (scores) atomically."""
+        from safetensors.torch import save_file
+
+        base = Path(path).with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_VERSION, "method": self.method, "metric": self.metric,
+                "axes": [[name, list(labels)] for name, labels in self.axes],
+                "settings": _jsonable(self.settings)}
+        for suffix, write in ((".safetensors", lambda p: save_file({"scores": self.scores.contiguous()}, str(p))),
+                              (".json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))):
+            tmp = base.with_suffix(suffix + ".tmp")
+            write(tmp)
+            os.replace(tmp, base.with_suffix(suffix))
+        return base.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LocateResult:
+        """Read a result written by :meth:`save` (``path`` with or without a suffix)."""
+        from safetensors.torch import load_file
+
+        base = Path(path).with_suffix("")
+        missing = [str(p) for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")) if not p.exists()]
+        if missing:
+            raise InputError("a saved LocateResult (a .json and a .safetensors file)", f"missing {missing}",
+                             "pass the path given to LocateResult.save")
+        meta = json.loads(base.with_suffix(".json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise InputError(f"result format {FORMAT_VERSION}", f"format {meta.get('format')!r}",
+                             "re-run the method with this version of lsi")
+        axes = tuple((name, tuple(labels)) for name, labels in meta["axes"])
+        scores = load_file(str(base.with_suffix(".safetensors")))["scores"]
+        return cls(scores, axes, method=meta["method"], metric=meta["metric"], settings=meta["settings"])
+
+    # -- showing -----------------------------------------------------------------------------------------------
+    def plot(self, ax: Any = None, *, title: str | None = None) -> Any:
+        """A bar chart (one axis) or heatmap (two axes) with matplotlib; returns the axes."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise InputError("matplotlib for plotting", "it is not installed", "pip install 'lsi[plot]'") from None
+        if len(self.axes) > 2:
+            raise InputError("a result with one or two axes to plot", f"{len(self.axes)} axes",
+                             "index the scores first, e.g. a per-layer slice")
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4.0, 0.35 * self.shape[-1]), 3.0 if len(self.axes) == 1 else 4.0))
+        if len(self.axes) == 1:
+            ax.bar(range(self.shape[0]), self.scores.numpy())
+            ax.set_xticks(range(self.shape[0]), self.axes[0][1], rotation=90)
+        else:
+            lim = float(self.scores.abs().max()) or 1.0
+            image = ax.imshow(self.scores.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            ax.set_yticks(range(self.shape[0]), self.axes[0][1])
+            ax.set_xticks(range(self.shape[1]), self.axes[1][1], rotation=90)
+            ax.set_ylabel(self.axes[0][0])
+            ax.set_xlabel(self.axes[1][0])
+            ax.figure.colorbar(image, ax=ax)
+        ax.set_title(title or f"{self.method}: {self.metric}")
+        return ax
+
+    def __repr__(self) -> str:
+        dims = " × ".join(f"{name}[{len(labels)}]" for name, labels in self.axes)
+        best = ", ".join(f"{label}={score:.3g}" for label, score in self.top(3, by="abs"))
+        return f"LocateResult({self.method}, {self.metric or 'no metric'}; {dims}; top |score|: {best})"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
