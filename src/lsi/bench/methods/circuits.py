@@ -1,0 +1,78 @@
+"""Circuit discovery graded by its node scores: EAP, EAP-IG and ACDC over the residual DAG.
+
+Each method scores every edge between the task's clean and corrupted test runs with the task's metric, then each
+node by the summed ``|score|`` of its incident edges (incoming and outgoing: on the dev splits "both" matched or
+beat either direction alone on every task). They apply to tasks with clean and corrupted runs whose universe is
+circuit nodes (heads, MLP outputs). ACDC needs one forward per edge, so it runs only on head universes (the
+induction graph has 110 edges; the fact-world graph's 479 would take ~40 s single-threaded).
+
+Settings (fixed, chosen on the dev splits): EAP-IG with 5 steps; ACDC with ``threshold = 0.01 ×
+|m(clean) − m(corrupt)|``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from lsi.bench.registry import LocateMethod, Scores, register_locate_method
+from lsi.locate.circuits import acdc, eap, eap_ig, node_scores
+from lsi.locate.metrics import Metric
+
+if TYPE_CHECKING:
+    from lsi.bench.tasks import LocateTask, Split
+    from lsi.core.model import LanguageModel
+    from lsi.locate.result import LocateResult
+
+IG_STEPS = 5
+ACDC_THRESHOLD = 0.01  # fraction of |m(clean) - m(corrupt)|
+_HEAD = re.compile(r"^blocks\.\d+\.attn\.head_out\[\d+\]$")
+_NODE = re.compile(r"^(embed|blocks\.\d+\.attn\.head_out\[\d+\]|blocks\.\d+\.mlp\.out)$")
+
+
+def _needs_contrast(task: LocateTask) -> str | None:
+    if task.test.clean is None or task.test.corrupted is None:
+        return "needs clean and corrupted runs"
+    if not all(_NODE.match(u) for u in task.universe):
+        return "the universe is not circuit nodes (embed, attention heads, MLP outputs)"
+    return None
+
+
+def _needs_heads(task: LocateTask) -> str | None:
+    reason = _needs_contrast(task)
+    if reason is None and not all(_HEAD.match(u) for u in task.universe):
+        return "ACDC runs on head universes only (one forward per edge is too slow for larger graphs)"
+    return reason
+
+
+def _metric(split: Split) -> Metric:
+    return Metric("task metric", lambda logits, batch: split.metric(logits))
+
+
+def _method(edges: Callable[[LanguageModel, Split], LocateResult]) -> Callable[[LanguageModel, LocateTask, int],
+                                                                                   Scores]:
+    def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
+        nodes = node_scores(edges(lm, task.test)).as_dict()
+        return {u: nodes[u] for u in task.universe}
+    return run
+
+
+def _eap(lm: LanguageModel, split: Split) -> LocateResult:
+    return eap(lm, split.clean, split.corrupted, _metric(split))
+
+
+def _eap_ig(lm: LanguageModel, split: Split) -> LocateResult:
+    return eap_ig(lm, split.clean, split.corrupted, _metric(split), steps=IG_STEPS)
+
+
+def _acdc(lm: LanguageModel, split: Split) -> LocateResult:
+    return acdc(lm, split.clean, split.corrupted, _metric(split), threshold=ACDC_THRESHOLD, relative=True)
+
+
+register_locate_method(LocateMethod("eap", "edge attribution patching, node = summed |edge score|", _method(_eap),
+                                    applies=_needs_contrast))
+register_locate_method(LocateMethod("eap_ig", f"EAP with integrated gradients on the embeddings ({IG_STEPS} steps)",
+                                    _method(_eap_ig), applies=_needs_contrast))
+register_locate_method(LocateMethod("acdc", f"ACDC-style edge pruning (threshold {ACDC_THRESHOLD} of the clean-"
+                                    "corrupt gap), node = summed |edge effect|", _method(_acdc), applies=_needs_heads))
