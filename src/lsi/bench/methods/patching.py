@@ -1,0 +1,92 @@
+"""Causal attribution in the ground-truth benchmark: activation patching and mean / resample ablation.
+
+- ``activation_patching``: denoising (each object's clean value patched into the corrupted run, every position at
+  once); importance = |normalized score| = |F_patched − F_corrupt| / |F_clean − F_corrupt|, since a patch that
+  moves the metric either way shows the object matters (on induction, the clean previous-token head alone makes
+  the induction heads attend to the corrupted first copy and lowers F). Tasks with clean and corrupted runs.
+- ``activation_patching_noising``: the noising direction (corrupted value into the clean run); importance =
+  |1 − normalized score| = |F_patched − F_clean| / |F_clean − F_corrupt|.
+- ``mean_ablation`` / ``resample_ablation``: |ΔF| on the test inputs when one head or neuron takes its mean over
+  the dev inputs / the values of a random dev input at the same positions; tasks whose universe is heads or
+  neurons. Reference statistics come from the dev split, effects are measured on the test split.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lsi.bench.registry import LocateMethod, Scores, register_locate_method
+from lsi.bench.tasks import LocateTask, Run, Split
+from lsi.core.sites import Site
+from lsi.errors import SiteError
+from lsi.locate.patching import AblationKind, Direction, ablation, activation_patching
+
+if TYPE_CHECKING:
+    import torch
+
+    from lsi.core.inputs import Batch
+    from lsi.core.model import LanguageModel
+
+
+def _metric(split: Split) -> Any:
+    def metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return split.metric(logits)
+
+    return metric
+
+
+def _site_universe(task: LocateTask) -> str | None:
+    try:
+        for u in task.universe:
+            Site.parse(u)
+    except SiteError:
+        return "universe is not sites (e.g. whole layers)"
+    return None
+
+
+def _has_runs(task: LocateTask) -> str | None:
+    if task.test.clean is None or task.test.corrupted is None:
+        return "no clean / corrupted runs"
+    return _site_universe(task)
+
+
+def _units(task: LocateTask) -> str | None:
+    reason = _site_universe(task)
+    if reason is None and any(Site.parse(u).index is None for u in task.universe):
+        return "universe is not heads or neurons"
+    return reason
+
+
+def _patching(direction: Direction) -> Any:
+    def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
+        split = task.test
+        result = activation_patching(lm, split.clean, split.corrupted, _metric(split), list(task.universe),
+                                     direction=direction)
+        unchanged = 0.0 if direction == "denoise" else 1.0  # the normalized score of an object without effect
+        return {u: abs(s - unchanged) for u, s in result.as_dict().items()}
+
+    return run
+
+
+def _ablation(kind: AblationKind) -> Any:
+    def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
+        split = task.test
+        result = ablation(lm, Run(split.inputs, split.setting), _metric(split), list(task.universe), kind=kind,
+                          reference=task.dev.inputs, seed=seed)
+        return {u: abs(s) for u, s in result.as_dict().items()}
+
+    return run
+
+
+register_locate_method(LocateMethod(
+    "activation_patching", "denoising activation patching (clean object into the corrupted run), |normalized|",
+    _patching("denoise"), applies=_has_runs))
+register_locate_method(LocateMethod(
+    "activation_patching_noising", "noising activation patching (corrupted object into the clean run), "
+    "|1 - normalized|", _patching("noise"), applies=_has_runs))
+register_locate_method(LocateMethod(
+    "mean_ablation", "|ΔF| when one head / neuron takes its mean over the dev inputs", _ablation("mean"),
+    applies=_units))
+register_locate_method(LocateMethod(
+    "resample_ablation", "|ΔF| when one head / neuron takes a random dev input's values", _ablation("resample"),
+    applies=_units))
