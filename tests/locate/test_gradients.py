@@ -213,7 +213,7 @@ def test_bad_input_is_refused_with_typed_errors(lm, ids) -> None:
     clean, corrupt = ids
     with pytest.raises(InputError, match="scalar"):
         gradient_x_input(lm, clean, lambda logits, batch: logits[:, -1, 0], "ln_final")
-    with pytest.raises(InputError, match="same-length") as err:
+    with pytest.raises(ShapeMismatchError, match="same token length") as err:
         attribution_patching(lm, clean, corrupt[:, :4], LINEAR, "ln_final")
     assert "corrupted (3, 4)" in str(err.value)
     with pytest.raises(InputError, match="at least one input"):

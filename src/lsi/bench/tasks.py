@@ -25,18 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lsi.core.runs import ContextFactory, Run
+
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
-ContextFactory = Callable[[], AbstractContextManager[Any]]
-
-
-@dataclass(frozen=True)
-class Run:
-    """Inputs and the setting they run in (e.g. noise on the subject embeddings)."""
-
-    inputs: Any
-    setting: ContextFactory = nullcontext
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lsi.bench.tasks import ContextFactory, Run
 from lsi.core.inputs import Batch, Inputs
 from lsi.core.interventions import Set
+from lsi.core.runs import ContextFactory, Run, as_run, check_aligned
 from lsi.core.sites import Site
 from lsi.errors import InputError, ShapeMismatchError
 from lsi.locate.metrics import evaluate, metric_name
@@ -306,9 +305,9 @@ def attribution_patching(lm: LanguageModel, clean: Inputs | Batch | Run, corrupt
     """
     _check_choice("positions", positions, ("all", "each"))
     _check_choice("direction", direction, ("noise", "denoise"))
-    clean_run, corrupt_run = _as_run(clean, clean_setting), _as_run(corrupted, corrupted_setting)
+    clean_run, corrupt_run = as_run(clean, clean_setting), as_run(corrupted, corrupted_setting)
     clean_batch, corrupt_batch = lm.to_batch(clean_run.inputs), lm.to_batch(corrupt_run.inputs)
-    _check_aligned(clean_batch, corrupt_batch)
+    check_aligned(clean_batch, corrupt_batch)
     pairs = [(clean_run, clean_batch), (corrupt_run, corrupt_batch)]
     (base, base_batch), (source, source_batch) = pairs if direction == "noise" else pairs[::-1]
     groups = _groups(lm, sites)
@@ -329,26 +328,6 @@ def attribution_patching(lm: LanguageModel, clean: Inputs | Batch | Run, corrupt
         scores = [(f_base + s - f_corrupt) / (f_clean - f_corrupt) for s in scores]
     return _result(groups, scores, positions, method="attribution_patching", metric=metric, direction=direction,
                    normalized=normalize, f_clean=f_clean, f_corrupt=f_corrupt)
-
-
-def _as_run(x: Any, setting: ContextFactory | None) -> Run:
-    if not (hasattr(x, "inputs") and hasattr(x, "setting")):
-        return Run(x, setting or nullcontext)
-    if setting is not None:
-        raise InputError("one setting per run", "a Run with its own setting and a separate setting",
-                         "put the setting in the Run, or pass plain inputs with the setting")
-    return x
-
-
-def _check_aligned(a: Batch, b: Batch) -> None:
-    if a.input_ids.shape != b.input_ids.shape:
-        raise InputError("clean and corrupted inputs of the same shape (rows × tokens), aligned token by token",
-                         f"clean {tuple(a.input_ids.shape)}, corrupted {tuple(b.input_ids.shape)}",
-                         "make each corrupted prompt a same-length counterfactual of its clean prompt (swap "
-                         "tokens rather than add or drop them), or pad / truncate both to one length")
-    if not torch.equal(a.attention_mask.bool(), b.attention_mask.bool()):
-        raise InputError("clean and corrupted inputs with real tokens at the same positions",
-                         "different padding layouts", "give rows of equal length per pair, padded on one side")
 
 
 def parameter_gradients(lm: LanguageModel, inputs: Inputs | Batch, metric: Metric, *,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,15 +44,15 @@ import torch
 from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply
 from lsi.core.positions import as_positions
+from lsi.core.runs import ContextFactory, as_run, check_aligned
 from lsi.core.sites import Site
-from lsi.errors import InputError, ShapeMismatchError
+from lsi.errors import InputError
 from lsi.locate.metrics import evaluate, metric_name
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel, Metric, SiteSpec
 
-ContextFactory = Callable[[], AbstractContextManager[Any]]
 Direction = Literal["denoise", "noise"]
 AblationKind = Literal["zero", "mean", "resample"]
 DEFAULT_BATCH_SIZE = 128  # rows per forward; 64–256 were fastest on one CPU thread (cache-friendly)
@@ -188,17 +188,6 @@ def position_groups(positions: PositionsArg, batch: Batch) -> tuple[list[str] | 
 
 # -- runs ----------------------------------------------------------------------------------------------------------
 
-def _as_run(run: Any, setting: ContextFactory | None) -> tuple[Any, ContextFactory]:
-    """(inputs, setting) from inputs plus an optional setting, or from a Run-like object (``.inputs``,
-    ``.setting``)."""
-    if hasattr(run, "inputs") and hasattr(run, "setting"):
-        if setting is not None:
-            raise InputError("one setting per run", "a Run with its own setting and a separate setting",
-                             "put the setting in the Run, or pass plain inputs with the setting")
-        return run.inputs, run.setting
-    return run, setting or nullcontext
-
-
 def _measure(lm: LanguageModel, batch: Batch, setting: ContextFactory, metric: Metric, *,
              cache: list[str] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """The metric of one plain run in its setting, and the full values of ``cache`` sites."""
@@ -210,20 +199,6 @@ def _measure(lm: LanguageModel, batch: Batch, setting: ContextFactory, metric: M
             logits, values = lm.forward(batch), {}
     assert logits is not None
     return float(evaluate(metric, logits, batch)), values
-
-
-def _check_aligned(clean: Batch, corrupted: Batch) -> None:
-    if clean.input_ids.shape == corrupted.input_ids.shape and torch.equal(clean.attention_mask.bool(),
-                                                                          corrupted.attention_mask.bool()):
-        return
-    raise ShapeMismatchError(
-        "clean and corrupted inputs with the same token length, row by row (patching copies values position by "
-        "position)",
-        f"clean {tuple(clean.input_ids.shape)} with lengths {clean.lengths}, corrupted "
-        f"{tuple(corrupted.input_ids.shape)} with lengths {corrupted.lengths}",
-        "make the counterfactual replace tokens rather than insert or delete them; or pad / truncate both to the "
-        "same length (lm.to_batch(..., padding_side=...) on equal-length rows); or keep only the aligned part of "
-        "each prompt and patch those positions (positions=[...])")
 
 
 def _grid(objects: list[_Object], columns: list[str] | None, values: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -273,20 +248,19 @@ def activation_patching(lm: LanguageModel, clean: Any, corrupted: Any, metric: M
     if direction not in ("denoise", "noise"):
         raise InputError("direction 'denoise' or 'noise'", repr(direction),
                          "denoise: patch clean values into the corrupted run; noise: corrupted into clean")
-    clean_inputs, clean_set = _as_run(clean, clean_setting)
-    corrupt_inputs, corrupt_set = _as_run(corrupted, corrupted_setting)
-    clean_batch, corrupt_batch = lm.to_batch(clean_inputs), lm.to_batch(corrupt_inputs)
-    _check_aligned(clean_batch, corrupt_batch)
+    clean_run, corrupt_run = as_run(clean, clean_setting), as_run(corrupted, corrupted_setting)
+    clean_batch, corrupt_batch = lm.to_batch(clean_run.inputs), lm.to_batch(corrupt_run.inputs)
+    check_aligned(clean_batch, corrupt_batch)
     objects = _objects(lm, sites)
     keys = list(dict.fromkeys(o.site for o in objects))
-    f_clean, clean_values = _measure(lm, clean_batch, clean_set, metric, cache=keys)
-    f_corrupt, corrupt_values = _measure(lm, corrupt_batch, corrupt_set, metric, cache=keys)
+    f_clean, clean_values = _measure(lm, clean_batch, clean_run.setting, metric, cache=keys)
+    f_corrupt, corrupt_values = _measure(lm, corrupt_batch, corrupt_run.setting, metric, cache=keys)
     if f_clean == f_corrupt:
         raise InputError("clean and corrupted runs whose metric differs (scores divide by F_clean − F_corrupt)",
                          f"F = {f_clean:.6g} for both", "check the corruption changes the behaviour the metric reads")
     base, base_setting, f_base, base_values, sources = (
-        (corrupt_batch, corrupt_set, f_corrupt, corrupt_values, clean_values) if direction == "denoise"
-        else (clean_batch, clean_set, f_clean, clean_values, corrupt_values))
+        (corrupt_batch, corrupt_run.setting, f_corrupt, corrupt_values, clean_values) if direction == "denoise"
+        else (clean_batch, clean_run.setting, f_clean, clean_values, corrupt_values))
     columns, groups = position_groups(positions, base)
     runs = _runs(objects, groups)
     # a patch that writes the values the base run already has leaves it unchanged: its metric is F_base
@@ -346,7 +320,8 @@ def ablation(lm: LanguageModel, inputs: Any, metric: Metric, sites: SiteSpec, *,
     """
     if kind not in ("zero", "mean", "resample"):
         raise InputError("kind 'zero', 'mean' or 'resample'", repr(kind), "e.g. kind='mean'")
-    raw_inputs, run_setting = _as_run(inputs, setting)
+    run = as_run(inputs, setting)
+    raw_inputs, run_setting = run.inputs, run.setting
     batch = lm.to_batch(raw_inputs)
     objects = _objects(lm, sites)
     keys = list(dict.fromkeys(o.site for o in objects))
