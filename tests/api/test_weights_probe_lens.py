@@ -65,6 +65,7 @@ def _model(model_type, **kwargs):
 def test_unregistered_architecture_is_probed_and_verified():
     lm = lsi.LanguageModel(_model("starcoder2"))
     assert lm.probed and lm.family == "probed:starcoder2" and lsi.self_check(lm).passed
+    assert (lm.spec.pre_attn_norm, lm.spec.pre_mlp_norm) == ("input_layernorm", "post_attention_layernorm")
 
 
 def test_probe_detects_parallel_attention():
@@ -72,6 +73,7 @@ def test_probe_detects_parallel_attention():
         AutoConfig.for_model("gptj", n_layer=2, n_embd=32, n_head=4, vocab_size=97, rotary_dim=4)).eval()
     lm = lsi.LanguageModel(model)
     assert lm.probed and lm.parallel_attn
+    assert lm.spec.pre_attn_norm == lm.spec.pre_mlp_norm == "ln_1"  # GPT-J's one norm feeds both blocks
 
 
 def test_architecture_failing_the_self_check_is_refused_with_a_template():
@@ -79,6 +81,7 @@ def test_architecture_failing_the_self_check_is_refused_with_a_template():
     with pytest.raises(UnknownArchitectureError, match="Template") as err:
         lsi.LanguageModel(_model("granite", residual_multiplier=0.5))
     assert "resid_post" in str(err.value) and "ArchSpec(" in str(err.value)
+    assert "pre_attn_norm='input_layernorm'" in str(err.value) and "pre_mlp_norm=" in str(err.value)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2", "llama"])

@@ -285,6 +285,52 @@ def test_mlp_pre_to_post(tiny_lm, family):
             assert not torch.allclose(post, act(pre), atol=1e-3)
 
 
+# --- the norms feeding attention and the MLP --------------------------------------------------------------------
+
+def _distinct_norms(model):
+    """``model`` with random weights (and biases) in every norm: freshly initialized norms are all one function."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                for param in module.parameters(recurse=False):
+                    param.copy_(torch.rand(param.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_named_norms_feed_attention_and_mlp(family):
+    """``pre_attn_norm`` / ``pre_mlp_norm`` of the residual stream are the attention / MLP inputs (the residual
+    itself where the spec names none), and the attention norm's output through W_Q gives ``attn.q``."""
+    from lsi.testing import tiny_model
+
+    lm = lsi.LanguageModel(_distinct_norms(tiny_model(family, attn_implementation="eager")))
+    spec, n = lm.spec, lm.dims.n_layers
+    assert (spec.pre_attn_norm is None) == (spec.pre_mlp_norm is None) == (family == "olmo2")
+    blocks = (spec.attn, spec.mlp_down.rsplit(".", 1)[0])
+    raw: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [_raw_hook(lm.model.get_submodule(spec.layer_path(i, path)), raw, (i, path))
+               for i in range(n) for path in blocks]
+    try:
+        v = _all_cache(lm)[0].values
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(n):
+        pre = v[f"blocks.{i}.resid_pre"]
+        mid = pre if family in PARALLEL else v[f"blocks.{i}.resid_mid"]
+        with torch.no_grad():
+            attn_in, mlp_in = [x if path is None else lm.model.get_submodule(spec.layer_path(i, path))(x)
+                               for path, x in ((spec.pre_attn_norm, pre), (spec.pre_mlp_norm, mid))]
+        torch.testing.assert_close(raw[i, blocks[0]][0], attn_in, atol=0, rtol=0)
+        torch.testing.assert_close(raw[i, blocks[1]][0], mlp_in, atol=ATOL, rtol=0)
+        if spec.pre_attn_norm is not None:
+            # positions are compared relative to the first, which cancels the projection's bias
+            q = v[f"blocks.{i}.attn.q"][0]
+            predicted = torch.einsum("pd,hde->phe", attn_in[0], lm.weights.W_Q(i))
+            torch.testing.assert_close(predicted - predicted[:1], q - q[:1], atol=ATOL, rtol=1e-4)
+
+
 # --- no-op interventions, hooks --------------------------------------------------------------------------------------
 
 def _copy(x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ against EAP and completeness, ACDC against a reference loop, faithfulness, node 
 circuit."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,6 +96,20 @@ def test_patching_all_edges_out_of_a_node_equals_patching_the_node(node, tiny_lm
 def test_parallel_and_post_norm_families_are_refused(family, overrides, tiny_lm) -> None:
     with pytest.raises(UnknownArchitectureError, match="circuit discovery needs sequential pre-norm"):
         CircuitGraph.of(tiny_lm(family, **overrides))
+
+
+def test_a_spec_naming_the_wrong_pre_attention_norm_is_refused() -> None:
+    from lsi.arch.families import LLAMA
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # fresh norms are all one function; make the two of each layer differ
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.mul_(2.0)
+    with pytest.raises(UnknownArchitectureError, match="pre_attn_norm whose output"):
+        CircuitGraph.of(lsi.LanguageModel(model, spec=replace(LLAMA, pre_attn_norm="post_attention_layernorm")))
+    with pytest.raises(UnknownArchitectureError, match="circuit discovery needs sequential pre-norm"):
+        CircuitGraph.of(lsi.LanguageModel(model, spec=replace(LLAMA, pre_attn_norm=None)))
+    assert len(CircuitGraph.of(lsi.LanguageModel(model)).norms) == 2
 
 
 def test_eap_equals_exact_edge_patching_when_the_metric_is_linear_in_the_receiver() -> None:

@@ -11,6 +11,7 @@ GPT2 = ArchSpec(
     embed="transformer.wte",
     pos_embed="transformer.wpe",
     final_norm="transformer.ln_f",
+    pre_attn_norm="ln_1",
     attn="attn",
     attn_out="attn",
     q_proj=None,
@@ -18,6 +19,7 @@ GPT2 = ArchSpec(
     v_proj=None,
     qkv_proj="attn.c_attn",
     o_proj="attn.c_proj",
+    pre_mlp_norm="ln_2",
     mlp_act="mlp.act",
     mlp_in="mlp.c_fc",
     mlp_gate=None,
@@ -56,6 +58,7 @@ GEMMA2 = ArchSpec(
     family="gemma2",
     model_types=("gemma2",),
     attn_out="post_attention_layernorm",
+    pre_mlp_norm="pre_feedforward_layernorm",
     mlp_out="post_feedforward_layernorm",
     final_logit_softcap="final_logit_softcapping",
 )
@@ -78,7 +81,9 @@ PHI3 = ArchSpec(
 OLMO2 = ArchSpec(
     family="olmo2",
     model_types=("olmo2",),
+    pre_attn_norm=None,
     attn_out="post_attention_layernorm",
+    pre_mlp_norm=None,
     mlp_out="post_feedforward_layernorm",
 )
 

@@ -1,6 +1,6 @@
 """Structural probe for unregistered architectures.
 
-It looks for the decoder-layer list, embeddings, final norm and the usual projection names, and builds a
+It looks for the decoder-layer list, embeddings, final norm and the usual norm and projection names, and builds a
 candidate :class:`ArchSpec`. The candidate is only a guess: :class:`lsi.LanguageModel` runs the self-check on
 it and refuses the model unless the check passes.
 """
@@ -24,6 +24,8 @@ _DOWN = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "w2")
 _UP = ("up_proj", "fc1", "c_fc", "dense_h_to_4h", "fc_in", "w1")
 _GATE = ("gate_proj", "w3")
 _ACT = ("act_fn", "act", "activation_fn", "activation")
+_ATTN_NORM = ("input_layernorm", "ln_1", "attention_norm", "ln_attn")
+_MLP_NORM = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "ln_mlp")
 
 
 def _path_of(root: nn.Module, target: nn.Module) -> str | None:
@@ -68,10 +70,13 @@ def probe_specs(model: Any) -> list[ArchSpec]:
         raise _fail(model, "q/k/v (or fused qkv), output, up, down projections and an activation module", layer)
     prefix = layers_path.rsplit(".", 1)[0] + "." if "." in layers_path else ""
     post_ffn = _child(layer, ("post_feedforward_layernorm",))
+    attn_norm = _child(layer, _ATTN_NORM)
+    mlp_norm = _child(layer, _MLP_NORM[:1] if post_ffn else _MLP_NORM)  # post-norm: it is attn_out
     sequential = ArchSpec(
         family=f"probed:{model.config.model_type}",
         model_types=(str(model.config.model_type),),
         layers=layers_path, embed=str(embed), final_norm=prefix + norms[-1], unembed=str(unembed),
+        pre_attn_norm=attn_norm, pre_mlp_norm=mlp_norm,
         attn=attn, attn_out="post_attention_layernorm" if post_ffn else attn,
         q_proj=None if qkv else f"{attn}.{q}", k_proj=None if qkv else f"{attn}.{k}",
         v_proj=None if qkv else f"{attn}.{v}", qkv_proj=f"{attn}.{qkv}" if qkv else None,
@@ -80,4 +85,5 @@ def probe_specs(model: Any) -> list[ArchSpec]:
         mlp_out=f"{mlp}" if not post_ffn else "post_feedforward_layernorm",
         conv1d=type(attn_mod.get_submodule(o)).__name__ == "Conv1D",  # type: ignore[arg-type]
     )
-    return [sequential, replace(sequential, parallel_attn=True)]
+    # a parallel block with one norm (GPT-J) feeds it to the MLP too
+    return [sequential, replace(sequential, parallel_attn=True, pre_mlp_norm=mlp_norm or attn_norm)]

@@ -12,6 +12,9 @@ relative to one decoder layer. A site is read where its value exists in the HF m
 * ``mlp.pre`` / ``mlp.post``: input of the activation module / input of ``mlp_down``;
 * ``mlp.out``: output of ``mlp_out``.
 
+``pre_attn_norm`` / ``pre_mlp_norm`` are the norms whose outputs feed the q/k/v projections / the MLP (the same
+norm where one feeds both, as in GPT-J); ``None`` where the block reads the residual stream itself (OLMo-2).
+
 Example:
     >>> LLAMA = ArchSpec(family="llama", model_types=("llama",))
     >>> LLAMA.layer_path(3, LLAMA.o_proj)
@@ -39,6 +42,7 @@ class ArchSpec:
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     # per-layer modules
+    pre_attn_norm: str | None = "input_layernorm"
     attn: str = "self_attn"
     attn_out: str = "self_attn"
     q_proj: str | None = "self_attn.q_proj"
@@ -47,6 +51,7 @@ class ArchSpec:
     qkv_proj: str | None = None
     qkv_layout: QkvLayout = "concat"
     o_proj: str = "self_attn.o_proj"
+    pre_mlp_norm: str | None = "post_attention_layernorm"
     mlp_act: str = "mlp.act_fn"
     mlp_in: str = "mlp.up_proj"  # neuron key weights (rows of W_in)
     mlp_gate: str | None = "mlp.gate_proj"

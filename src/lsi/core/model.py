@@ -167,7 +167,11 @@ class LanguageModel:
     def forward(self, inputs: Inputs | Batch, **kwargs: Any) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]`` of the HF model (with any active interventions)."""
         with torch.no_grad():
-            return self._call(self.to_batch(inputs), **kwargs).logits
+            return self.logits_with_grad(inputs, **kwargs)
+
+    def logits_with_grad(self, inputs: Inputs | Batch, **kwargs: Any) -> torch.Tensor:
+        """Like :meth:`forward`, but under the caller's grad mode (for gradients with respect to parameters)."""
+        return self._call(self.to_batch(inputs), **kwargs).logits
 
     def _needs_patterns(self, sites: list[Site]) -> None:
         if any(s.kind == "attn.pattern" for s in sites) and self.attn_implementation != "eager":

@@ -29,8 +29,8 @@ are the same reads pulled back: ``∂m/∂z_q[h] = J_N(x)ᵀ W_Q[h] ∂m/∂q[h]
 Supported: sequential pre-norm blocks (Llama, Mistral, Qwen2/3, Phi-3, GPT-2, GPT-NeoX without parallel
 residual). Refused with :class:`~lsi.errors.UnknownArchitectureError`: parallel attention (no ``resid_mid``: the MLP
 reads ``resid_pre``) and post-norm families (Gemma-2, OLMo-2), where what a head adds to the residual stream is
-not its ``head_out``. The pre-attention norm is found among the layer's norm-like children and verified on a
-short input (its output through ``W_Q`` must reproduce ``attn.q``); memory grows with senders × tokens.
+not its ``head_out``. The pre-attention norm is the spec's ``pre_attn_norm``, verified on a short input (its
+output through ``W_Q`` must reproduce ``attn.q``); memory grows with senders × tokens.
 
 Example:
     >>> import lsi
@@ -181,29 +181,25 @@ def _require_sequential_prenorm(lm: LanguageModel) -> None:
             raise UnknownArchitectureError(
                 f"the {what} output added to the residual stream as it is", f"{lm.family}: a norm ({path!r}) "
                 f"between the {what} and the residual stream", fix)
+    if spec.pre_attn_norm is None:
+        raise UnknownArchitectureError("a norm between the residual stream and q/k/v",
+                                       f"{lm.family}: the spec names no pre_attn_norm", fix)
 
 
 def _attention_norms(lm: LanguageModel) -> tuple[nn.Module, ...]:
-    """The pre-attention norm of every layer: the norm-like child (1-D weight of size d_model) whose output, through
-    W_Q, reproduces ``attn.q`` on a short input (bias-free: differences between positions are compared)."""
-    d, spec = lm.dims, lm.spec
+    """The spec's pre-attention norm of every layer, checked on a short input: its output through W_Q must
+    reproduce ``attn.q`` (bias-free: differences between positions are compared)."""
+    d, path = lm.dims, lm.spec.pre_attn_norm
+    assert path is not None  # refused by _require_sequential_prenorm
+    norms = tuple(get_module(lm.model, lm.spec.layer_path(layer, path)) for layer in range(d.n_layers))
     ids = (torch.arange(6) * 7 + 3) % d.vocab
     cache = lm.run_with_cache(ids[None], ["blocks.*.resid_pre", "blocks.*.attn.q"])
-    first = get_module(lm.model, spec.layer_path(0))
-    skip = {spec.attn.split(".")[0], spec.mlp_down.split(".")[0]}
-    names = [n for n, m in first.named_children() if n not in skip and _norm_like(m, d.d_model)]
-    for name in names:
-        norms = tuple(get_module(lm.model, spec.layer_path(layer, name)) for layer in range(d.n_layers))
-        if all(_reproduces_q(lm, layer, norm, cache) for layer, norm in enumerate(norms)):
-            return norms
-    raise UnknownArchitectureError("a pre-attention norm whose output through W_Q gives attn.q",
-                                   f"none among the layer's norm-like children {names}",
-                                   "circuit discovery needs the attention input to be norm(resid_pre)")
-
-
-def _norm_like(module: nn.Module, d_model: int) -> bool:
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (d_model,)
+    wrong = [layer for layer, norm in enumerate(norms) if not _reproduces_q(lm, layer, norm, cache)]
+    if wrong:
+        raise UnknownArchitectureError("a pre_attn_norm whose output through W_Q gives attn.q",
+                                       f"{lm.family}: {path!r} does not, in layers {wrong}",
+                                       "set pre_attn_norm in the model's ArchSpec to the norm feeding q/k/v")
+    return norms
 
 
 def _reproduces_q(lm: LanguageModel, layer: int, norm: nn.Module, cache: ActivationCache) -> bool:

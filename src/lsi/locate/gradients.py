@@ -354,7 +354,7 @@ def parameter_gradients(lm: LanguageModel, inputs: Inputs | Batch, metric: Metri
         for _, p in chosen:
             p.requires_grad_(True)
         with torch.enable_grad():
-            value = evaluate(metric, lm._call(batch).logits, batch)
+            value = evaluate(metric, lm.logits_with_grad(batch), batch)
             grads = torch.autograd.grad(value, [p for _, p in chosen], allow_unused=True)
     finally:
         for (_, p), flag in zip(chosen, flags, strict=True):
