@@ -241,7 +241,7 @@ def test_bad_inputs_get_typed_errors(tiny_lm) -> None:
     lm = tiny_lm("llama")
     graph = CircuitGraph.of(lm)
     clean, corrupt = _pair(8)
-    with pytest.raises(ShapeMismatchError, match="aligned token by token"):
+    with pytest.raises(ShapeMismatchError, match="same token length"):
         eap(lm, clean, corrupt[:, :5], logit(5), graph=graph)
     with pytest.raises(InputError, match="edge labels"):
         graph.mask(["embed->logits", "blocks.9.mlp.out->logits"])

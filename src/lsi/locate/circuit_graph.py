@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
@@ -56,6 +55,7 @@ from torch import nn
 from lsi.arch.dims import get_module
 from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply, Intervention
+from lsi.core.runs import ContextFactory, as_run, check_aligned
 from lsi.errors import InputError, ShapeMismatchError, UnknownArchitectureError
 from lsi.locate.metrics import evaluate
 
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
     from lsi.core.cache import ActivationCache
     from lsi.core.model import LanguageModel, Metric
 
-ContextFactory = Callable[[], AbstractContextManager[Any]]
 DEFAULT_BATCH_SIZE = 512  # rows per forward when copies of the inputs are stacked along the batch
 _QKV = "qkv"
 
@@ -223,29 +222,16 @@ class Contrast:
     f_corrupt: float
 
 
-def _parts(run: Any) -> tuple[Any, ContextFactory]:
-    """(inputs, setting) of plain inputs or of a Run-like object (``.inputs`` and ``.setting``)."""
-    if hasattr(run, "inputs") and hasattr(run, "setting"):
-        return run.inputs, run.setting
-    return run, nullcontext
-
-
 def contrast(lm: LanguageModel, graph: CircuitGraph, clean: Any, corrupted: Any, metric: Metric) -> Contrast:
     """Run the corrupted inputs (in their setting) once and keep what edge patching needs. Every metric, the
     corrupted run's included, is evaluated against the clean batch (the patched runs' inputs)."""
-    clean_inputs, clean_setting = _parts(clean)
-    corrupt_inputs, corrupt_setting = _parts(corrupted)
-    batch, other = lm.to_batch(clean_inputs), lm.to_batch(corrupt_inputs)
-    if batch.input_ids.shape != other.input_ids.shape or not torch.equal(batch.attention_mask.bool(),
-                                                                         other.attention_mask.bool()):
-        raise ShapeMismatchError("clean and corrupted inputs aligned token by token (same shape and padding)",
-                                 f"clean {tuple(batch.input_ids.shape)} lengths {batch.lengths}, corrupted "
-                                 f"{tuple(other.input_ids.shape)} lengths {other.lengths}",
-                                 "make each corrupted prompt a same-length counterfactual of its clean prompt")
-    with corrupt_setting():
+    clean_run, corrupt_run = as_run(clean), as_run(corrupted)
+    batch, other = lm.to_batch(clean_run.inputs), lm.to_batch(corrupt_run.inputs)
+    check_aligned(batch, other)
+    with corrupt_run.setting():
         cache = lm.run_with_cache(other, graph.sender_sites)
     assert cache.logits is not None
-    return Contrast(batch, clean_setting, graph.sender_values(cache), float(evaluate(metric, cache.logits, batch)))
+    return Contrast(batch, clean_run.setting, graph.sender_values(cache), float(evaluate(metric, cache.logits, batch)))
 
 
 def repeat(batch: Batch, k: int) -> Batch:
