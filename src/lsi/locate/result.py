@@ -17,9 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from lsi.core.bundle import load_bundle, save_bundle
 from lsi.errors import InputError
 
 Axis = tuple[str, tuple[str, ...]]  # (axis name, one label per index)
@@ -120,37 +119,18 @@ class LocateResult:
     # -- saving ------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``path.json`` (axes, method, metric, settings) and ``path.safetensors`` (scores) atomically."""
-        from safetensors.torch import save_file
-
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "method": self.method, "metric": self.metric,
                 "axes": [[name, list(labels)] for name, labels in self.axes],
                 "settings": _jsonable(self.settings)}
-        for suffix, write in ((".safetensors", lambda p: save_file({"scores": self.scores.contiguous()}, str(p))),
-                              (".json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))):
-            tmp = base.with_suffix(suffix + ".tmp")
-            write(tmp)
-            os.replace(tmp, base.with_suffix(suffix))
-        return base.with_suffix(".json")
+        return save_bundle(path, {"scores": self.scores}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> LocateResult:
         """Read a result written by :meth:`save` (``path`` with or without a suffix)."""
-        from safetensors.torch import load_file
-
-        base = Path(path).with_suffix("")
-        missing = [str(p) for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")) if not p.exists()]
-        if missing:
-            raise InputError("a saved LocateResult (a .json and a .safetensors file)", f"missing {missing}",
-                             "pass the path given to LocateResult.save")
-        meta = json.loads(base.with_suffix(".json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise InputError(f"result format {FORMAT_VERSION}", f"format {meta.get('format')!r}",
-                             "re-run the method with this version of lsi")
+        tensors, meta = load_bundle(path, what="a saved LocateResult", fix="pass the path given to LocateResult.save",
+                                    format=FORMAT_VERSION)
         axes = tuple((name, tuple(labels)) for name, labels in meta["axes"])
-        scores = load_file(str(base.with_suffix(".safetensors")))["scores"]
-        return cls(scores, axes, method=meta["method"], metric=meta["metric"], settings=meta["settings"])
+        return cls(tensors["scores"], axes, method=meta["method"], metric=meta["metric"], settings=meta["settings"])
 
     # -- showing -----------------------------------------------------------------------------------------------
     def plot(self, ax: Any = None, *, title: str | None = None) -> Any:

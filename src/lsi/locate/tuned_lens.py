@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lsi.arch.dims import get_module
+from lsi.core.bundle import load_bundle, save_bundle
 from lsi.core.positions import PositionSpec
 from lsi.errors import InputError
 from lsi.locate.result import LocateResult
@@ -120,35 +120,15 @@ class TunedLens:
     # -- saving --------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``path.safetensors`` (translators) and ``path.json`` (labels, fingerprint, settings)."""
-        from safetensors.torch import save_file
-
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "labels": list(self.labels), "fingerprint": self.fingerprint,
                 "settings": self.settings}
-        tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
-        for suffix, write in ((".safetensors", lambda p: save_file(tensors, str(p))),
-                              (".json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))):
-            tmp = base.with_suffix(suffix + ".tmp")
-            write(tmp)
-            os.replace(tmp, base.with_suffix(suffix))
-        return base.with_suffix(".json")
+        return save_bundle(path, {"weight": self.weight, "bias": self.bias}, meta)
 
     @classmethod
     def load(cls, path: str | Path, lm: LanguageModel) -> TunedLens:
         """Read a lens written by :meth:`save`; refused unless it was trained for ``lm`` (same fingerprint)."""
-        from safetensors.torch import load_file
-
-        base = Path(path).with_suffix("")
-        missing = [str(p) for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")) if not p.exists()]
-        if missing:
-            raise InputError("a saved tuned lens (a .json and a .safetensors file)", f"missing {missing}",
-                             "pass the path given to TunedLens.save")
-        meta = json.loads(base.with_suffix(".json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise InputError(f"tuned-lens format {FORMAT_VERSION}", f"format {meta.get('format')!r}",
-                             "retrain the lens with this version of lsi")
-        tensors = load_file(str(base.with_suffix(".safetensors")))
+        tensors, meta = load_bundle(path, what="a saved tuned lens", fix="pass the path given to TunedLens.save",
+                                    format=FORMAT_VERSION)
         lens = cls(tensors["weight"], tensors["bias"], tuple(meta["labels"]), meta["fingerprint"], meta["settings"])
         lens._check_model(lm)
         return lens

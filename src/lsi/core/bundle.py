@@ -1,0 +1,56 @@
+"""Bundles: a JSON file of metadata beside a safetensors file of tensors, written atomically, never pickled.
+
+Results, lenses and interventions save this way: ``path.json`` and ``path.safetensors`` share a base name.
+
+Example:
+    >>> import tempfile, torch
+    >>> d = tempfile.mkdtemp()
+    >>> _ = save_bundle(f"{d}/thing", {"w": torch.ones(2)}, {"format": 1, "kind": "demo"})
+    >>> tensors, meta = load_bundle(f"{d}/thing.json", what="a demo bundle", fix="save it first", format=1)
+    >>> meta["kind"], tensors["w"].tolist()
+    ('demo', [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lsi.errors import InputError
+
+
+def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``path.safetensors`` then ``path.json`` (each through a temporary file and a rename); returns the
+    JSON path."""
+    from safetensors.torch import save_file
+
+    base = Path(path).with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    for suffix, write in ((".safetensors", lambda p: save_file(contiguous, str(p))),
+                          (".json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))):
+        tmp = base.with_suffix(suffix + ".tmp")
+        write(tmp)
+        os.replace(tmp, base.with_suffix(suffix))
+    return base.with_suffix(".json")
+
+
+def load_bundle(path: str | Path, *, what: str, fix: str, format: int) -> tuple[dict[str, torch.Tensor],
+                                                                               dict[str, Any]]:
+    """Read a bundle written by :func:`save_bundle` (``path`` with or without a suffix); refuses missing files and
+    another ``format`` version. ``what`` and ``fix`` word the errors."""
+    from safetensors.torch import load_file
+
+    base = Path(path).with_suffix("")
+    missing = [str(p) for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")) if not p.exists()]
+    if missing:
+        raise InputError(f"{what} (a .json and a .safetensors file)", f"missing {missing}", fix)
+    meta = json.loads(base.with_suffix(".json").read_text())
+    if meta.get("format") != format:
+        raise InputError(f"{what} in format {format}", f"format {meta.get('format')!r}",
+                         "re-create it with this version of lsi")
+    return load_file(str(base.with_suffix(".safetensors"))), meta
