@@ -91,19 +91,22 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """A plain-text table: a header line per task, then one row per method."""
-    head = f"    {'method':<12} {'P@|G|':>6} {'AUROC':>6} {'AP':>6} {'rho':>6} {'s':>7}"
+    """A plain-text table: a header line per task, then one row per method (skipped methods last, one line)."""
+    width = max([12, *(len(m) for task in result["tasks"] for m in task["methods"])])
+    head = f"    {'method':<{width}} {'P@|G|':>6} {'AUROC':>6} {'AP':>6} {'rho':>6} {'s':>7}"
     lines = [head, "-" * len(head)]
     for task in result["tasks"]:
         lines.append(f"{task['organism']} / {task['task']}: |U|={task['universe_size']}, |G|={len(task['planted'])}, "
                      f"oracle margin {task['oracle_margin']:+.3f}")
+        skipped = {}
         for method, grades in task["methods"].items():
             if "skipped" in grades:
-                lines.append(f"    {method:<12} skipped: {grades['skipped']}")
+                skipped.setdefault(grades["skipped"], []).append(method)
             else:
-                lines.append(f"    {method:<12} {grades['r_precision']:>6.3f} {grades['auroc']:>6.3f} "
+                lines.append(f"    {method:<{width}} {grades['r_precision']:>6.3f} {grades['auroc']:>6.3f} "
                              f"{grades['average_precision']:>6.3f} {grades['spearman_vs_oracle']:>6.3f} "
                              f"{grades['seconds']:>7.2f}")
+        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
     for name, reason in result["skipped_organisms"].items():
         lines.append(f"{name}: skipped ({reason})")
     return "\n".join(lines)

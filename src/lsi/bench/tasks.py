@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lsi.core.runs import ContextFactory, Run
+from lsi.locate.metrics import Metric
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -68,3 +69,15 @@ def oracle_scores(lm: LanguageModel, task: LocateTask, split: Split) -> dict[str
     """Exhaustive per-component effect |metric(intervened) - metric(setting alone)| on a split."""
     base = measure(lm, split)
     return {u: abs(measure(lm, split, u) - base) for u in task.universe}
+
+
+def task_metric(split: Split) -> Metric:
+    """The split's metric as a locate metric ``(logits, batch) -> scalar`` (the batch is the split's own)."""
+    return Metric("task metric", lambda logits, batch: split.metric(logits))
+
+
+def needs_contrast(task: LocateTask) -> str | None:
+    """Why a method that compares clean and corrupted runs does not apply to ``task`` (``None`` if it does)."""
+    if task.test.clean is None or task.test.corrupted is None:
+        return "the task has no clean and corrupted runs"
+    return None

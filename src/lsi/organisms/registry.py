@@ -83,7 +83,8 @@ def check_files(name: str, directory: Path) -> None:
 
 
 def load_organism(name: str, model_dir: str | Path | None = None, **load_kwargs: Any) -> LanguageModel:
-    """Load organism ``name`` from its committed weights (or from ``model_dir``) with :func:`lsi.load`.
+    """Load organism ``name`` from its committed weights (or from ``model_dir``) with :func:`lsi.load`, with eager
+    attention by default (organisms are small, and attention-pattern methods need it).
 
     Raises :class:`InputError` naming the missing or corrupt file and the command that retrains the organism.
     """
@@ -92,4 +93,4 @@ def load_organism(name: str, model_dir: str | Path | None = None, **load_kwargs:
     organism = get_organism(name)
     directory = Path(model_dir or organism.weights_dir)
     check_files(name, directory)
-    return lsi.load(directory, **load_kwargs)
+    return lsi.load(directory, **{"attn_implementation": "eager", **load_kwargs})

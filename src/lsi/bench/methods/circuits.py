@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
+from lsi.bench.tasks import needs_contrast, task_metric
 from lsi.locate.circuits import acdc, eap, eap_ig, node_scores
-from lsi.locate.metrics import Metric
 
 if TYPE_CHECKING:
     from lsi.bench.tasks import LocateTask, Split
@@ -31,23 +31,19 @@ _HEAD = re.compile(r"^blocks\.\d+\.attn\.head_out\[\d+\]$")
 _NODE = re.compile(r"^(embed|blocks\.\d+\.attn\.head_out\[\d+\]|blocks\.\d+\.mlp\.out)$")
 
 
-def _needs_contrast(task: LocateTask) -> str | None:
-    if task.test.clean is None or task.test.corrupted is None:
-        return "needs clean and corrupted runs"
+def _needs_nodes(task: LocateTask) -> str | None:
+    if reason := needs_contrast(task):
+        return reason
     if not all(_NODE.match(u) for u in task.universe):
         return "the universe is not circuit nodes (embed, attention heads, MLP outputs)"
     return None
 
 
 def _needs_heads(task: LocateTask) -> str | None:
-    reason = _needs_contrast(task)
+    reason = _needs_nodes(task)
     if reason is None and not all(_HEAD.match(u) for u in task.universe):
         return "ACDC runs on head universes only (one forward per edge is too slow for larger graphs)"
     return reason
-
-
-def _metric(split: Split) -> Metric:
-    return Metric("task metric", lambda logits, batch: split.metric(logits))
 
 
 def _method(edges: Callable[[LanguageModel, Split], LocateResult]) -> Callable[[LanguageModel, LocateTask, int],
@@ -59,20 +55,20 @@ def _method(edges: Callable[[LanguageModel, Split], LocateResult]) -> Callable[[
 
 
 def _eap(lm: LanguageModel, split: Split) -> LocateResult:
-    return eap(lm, split.clean, split.corrupted, _metric(split))
+    return eap(lm, split.clean, split.corrupted, task_metric(split))
 
 
 def _eap_ig(lm: LanguageModel, split: Split) -> LocateResult:
-    return eap_ig(lm, split.clean, split.corrupted, _metric(split), steps=IG_STEPS)
+    return eap_ig(lm, split.clean, split.corrupted, task_metric(split), steps=IG_STEPS)
 
 
 def _acdc(lm: LanguageModel, split: Split) -> LocateResult:
-    return acdc(lm, split.clean, split.corrupted, _metric(split), threshold=ACDC_THRESHOLD, relative=True)
+    return acdc(lm, split.clean, split.corrupted, task_metric(split), threshold=ACDC_THRESHOLD, relative=True)
 
 
 register_locate_method(LocateMethod("eap", "edge attribution patching, node = summed |edge score|", _method(_eap),
-                                    applies=_needs_contrast))
+                                    applies=_needs_nodes))
 register_locate_method(LocateMethod("eap_ig", f"EAP with integrated gradients on the embeddings ({IG_STEPS} steps)",
-                                    _method(_eap_ig), applies=_needs_contrast))
+                                    _method(_eap_ig), applies=_needs_nodes))
 register_locate_method(LocateMethod("acdc", f"ACDC-style edge pruning (threshold {ACDC_THRESHOLD} of the clean-"
                                     "corrupt gap), node = summed |edge effect|", _method(_acdc), applies=_needs_heads))

@@ -19,21 +19,16 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, Split
+from lsi.bench.tasks import LocateTask, Run, needs_contrast, task_metric
 from lsi.core.sites import Site
 from lsi.errors import SiteError
 from lsi.locate.gradients import attribution_patching, gradient_x_input, integrated_gradients
-from lsi.locate.metrics import Metric
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 IG_STEPS = 8
 _LAYER = re.compile(r"^blocks\.(\d+)$")
-
-
-def _metric(split: Split) -> Metric:
-    return Metric("task metric", lambda logits, _batch: split.metric(logits))
 
 
 def _layers(task: LocateTask) -> list[int] | None:
@@ -57,9 +52,7 @@ def _sites_or_layers(task: LocateTask) -> str | None:
 
 
 def _needs_runs(task: LocateTask) -> str | None:
-    if task.test.clean is None or task.test.corrupted is None:
-        return "the task has no clean and corrupted runs"
-    return _site_universe(task)
+    return needs_contrast(task) or _site_universe(task)
 
 
 def _objects(task: LocateTask) -> tuple[list[str], dict[str, str]]:
@@ -87,7 +80,7 @@ def _abs_scores(scores: dict[str, float], labels: dict[str, str]) -> Scores:
 def _run_attribution_patching(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
     split = task.test
     assert split.clean is not None and split.corrupted is not None
-    result = attribution_patching(lm, split.clean, split.corrupted, _metric(split), list(task.universe),
+    result = attribution_patching(lm, split.clean, split.corrupted, task_metric(split), list(task.universe),
                                   direction="denoise")
     return _abs_scores(result.as_dict(), {u: u for u in task.universe})
 
@@ -98,7 +91,7 @@ def _run_gradient_x_input(lm: LanguageModel, task: LocateTask, seed: int) -> Sco
     sites, labels = _objects(task)
     baseline = _removal_baseline(lm, task, run)
     with run.setting():
-        result = gradient_x_input(lm, run.inputs, _metric(split), sites, baseline=baseline)
+        result = gradient_x_input(lm, run.inputs, task_metric(split), sites, baseline=baseline)
     return _abs_scores(result.as_dict(), labels)
 
 
@@ -115,7 +108,7 @@ def _run_integrated_gradients(lm: LanguageModel, task: LocateTask, seed: int) ->
     scores: dict[str, float] = {}
     with run.setting():
         for site in groups:
-            scores |= integrated_gradients(lm, run.inputs, _metric(split), site, baseline=baseline, steps=IG_STEPS,
+            scores |= integrated_gradients(lm, run.inputs, task_metric(split), site, baseline=baseline, steps=IG_STEPS,
                                            steps_per_batch=4).as_dict()
     return _abs_scores(scores, labels)
 

@@ -16,23 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, Split
+from lsi.bench.tasks import LocateTask, Run, needs_contrast, task_metric
 from lsi.core.sites import Site
 from lsi.errors import SiteError
 from lsi.locate.patching import AblationKind, Direction, ablation, activation_patching
 
 if TYPE_CHECKING:
-    import torch
 
-    from lsi.core.inputs import Batch
     from lsi.core.model import LanguageModel
-
-
-def _metric(split: Split) -> Any:
-    def metric(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return split.metric(logits)
-
-    return metric
 
 
 def _site_universe(task: LocateTask) -> str | None:
@@ -45,9 +36,7 @@ def _site_universe(task: LocateTask) -> str | None:
 
 
 def _has_runs(task: LocateTask) -> str | None:
-    if task.test.clean is None or task.test.corrupted is None:
-        return "no clean / corrupted runs"
-    return _site_universe(task)
+    return needs_contrast(task) or _site_universe(task)
 
 
 def _units(task: LocateTask) -> str | None:
@@ -60,7 +49,7 @@ def _units(task: LocateTask) -> str | None:
 def _patching(direction: Direction) -> Any:
     def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
         split = task.test
-        result = activation_patching(lm, split.clean, split.corrupted, _metric(split), list(task.universe),
+        result = activation_patching(lm, split.clean, split.corrupted, task_metric(split), list(task.universe),
                                      direction=direction)
         unchanged = 0.0 if direction == "denoise" else 1.0  # the normalized score of an object without effect
         return {u: abs(s - unchanged) for u, s in result.as_dict().items()}
@@ -71,7 +60,7 @@ def _patching(direction: Direction) -> Any:
 def _ablation(kind: AblationKind) -> Any:
     def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
         split = task.test
-        result = ablation(lm, Run(split.inputs, split.setting), _metric(split), list(task.universe), kind=kind,
+        result = ablation(lm, Run(split.inputs, split.setting), task_metric(split), list(task.universe), kind=kind,
                           reference=task.dev.inputs, seed=seed)
         return {u: abs(s) for u, s in result.as_dict().items()}
 
