@@ -98,7 +98,7 @@ def render_table(result: dict[str, Any]) -> str:
     for task in result["tasks"]:
         lines.append(f"{task['organism']} / {task['task']}: |U|={task['universe_size']}, |G|={len(task['planted'])}, "
                      f"oracle margin {task['oracle_margin']:+.3f}")
-        skipped = {}
+        skipped: dict[str, list[str]] = {}
         for method, grades in task["methods"].items():
             if "skipped" in grades:
                 skipped.setdefault(grades["skipped"], []).append(method)
