@@ -56,3 +56,15 @@ class AttentionImplementationError(LsiError):
 
 class StoreError(LsiError):
     """An activation store on disk that is missing, incomplete or written for other settings."""
+
+
+class ModelMismatchError(InputError):
+    """A steering built or saved for a model of another family, depth or width."""
+
+
+class NonFiniteSteeringError(LsiError, ArithmeticError):
+    """A steering strength that produces NaN or infinite values."""
+
+
+class NotFoldableError(LsiError):
+    """A steering that cannot be folded into the model's weights exactly."""
