@@ -1,28 +1,48 @@
-"""The ground-truth benchmark: every registered locate method on every organism task it applies to.
+"""The ground-truth benchmark: every registered locate and steer method on every organism task it applies to.
 
-Scores are graded against the planted components with precision@|G| (R-precision), AUROC, average precision and
-the Spearman correlation with the oracle's scores. For tasks whose truth is the least important components
-(redundant layers), every method's scores are negated before grading.
+Locate: scores are graded against the planted components with precision@|G| (R-precision), AUROC, average
+precision and the Spearman correlation with the oracle's scores. For tasks whose truth is the least important
+components (redundant layers), every method's scores are negated before grading.
+
+Steer: every candidate steering a method proposes is measured on the task's test split (exact success,
+generalization, specificity, fluency; KL(base ‖ steered) and Δ cross-entropy on a held-out corpus), giving a
+success-vs-KL curve; the grade is the best target success at KL ≤ τ with the other metrics at that point, next to
+the unsteered model, the task's oracle (or why it has none) and a random direction of equal norm.
+
+:func:`run_benchmark` runs both sides (``kind="all"``) or one; its JSON keeps the locate result at the top level
+and adds the steer result under ``"steer"``.
 
 Example:
     >>> result = run_groundtruth(methods=[], organisms=["layer_redundancy"])  # doctest: +SKIP
     >>> result["tasks"][0]["methods"]["oracle"]["auroc"]  # doctest: +SKIP
     1.0
+    >>> steer = run_steer_groundtruth(methods=["directional_ablation"], organisms=["refusal_gate"])  # doctest: +SKIP
+    >>> steer["tasks"][0]["methods"]["directional_ablation"]["best"]["success"]  # doctest: +SKIP
+    1.0
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lsi.bench import metrics
-from lsi.bench.registry import LocateMethod, Scores, get_locate_methods
+from lsi.bench.registry import LOCATE_METHODS, LocateMethod, Scores, get_locate_methods
+from lsi.bench.steer_registry import STEER_BASELINES, SteerMethod, get_steer_methods, load_steer_methods
+from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
 from lsi.bench.tasks import LocateTask
+from lsi.errors import InputError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from lsi.core.model import LanguageModel
+
+SCHEMA_VERSION = 2  # 2: the steer side (under "steer" in run_benchmark's result)
+Kind = Literal["locate", "steer", "all"]
 _GRADES = ("r_precision", "auroc", "average_precision", "spearman_vs_oracle")
 
 
@@ -110,3 +130,156 @@ def render_table(result: dict[str, Any]) -> str:
     for name, reason in result["skipped_organisms"].items():
         lines.append(f"{name}: skipped ({reason})")
     return "\n".join(lines)
+
+
+# -- steer side -----------------------------------------------------------------------------------------------------
+_POINT_KEYS = ("success", "generalization", "specificity", "fluency", "kl", "dloss")
+
+
+def _mean_point(points: list[Point]) -> dict[str, Any]:
+    """A point as JSON, or the mean of several draws' points (a metric is ``None`` if any draw lacks it)."""
+    if len(points) == 1:
+        return points[0].as_dict()
+    rows = [p.as_dict() for p in points]
+    mean = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) / len(rows) for k in _POINT_KEYS}
+    return {"settings": {"mean_of_draws": len(rows)}, **mean}
+
+
+def _run_steer_method(lm: LanguageModel, task: SteerTask, method: SteerMethod, ref: Any) -> dict[str, Any]:
+    reason = method.applies(task)
+    if reason is not None:
+        return {"skipped": reason}
+    start = time.perf_counter()
+    curves = [[measure(lm, task.test, ref, c.steering, c.settings) for c in method.run(lm, task, seed)]
+              for seed in range(method.draws)]
+    seconds = round((time.perf_counter() - start) / method.draws, 3)
+    best = [p for p in (best_at_kl(curve, task.tau) for curve in curves) if p is not None]
+    return {"best": _mean_point(best) if best else None, "draws_within_budget": len(best),
+            "curves": [[p.as_dict() for p in curve] for curve in curves], "seconds": seconds}
+
+
+def grade_steer_task(lm: LanguageModel, task: SteerTask, methods: list[SteerMethod]) -> dict[str, Any]:
+    """Every method's curve on the test split and its best point at KL ≤ ``task.tau``, with the unsteered model and
+    the oracle. Methods run baselines last (so a method's seconds include the dev choices a baseline reuses) and are
+    listed baselines first."""
+    start = time.perf_counter()
+    ref = split_reference(lm, task.test)
+    unsteered = measure(lm, task.test, ref, None).as_dict()
+    unsteered["seconds"] = round(time.perf_counter() - start, 3)
+    run_order = sorted(methods, key=lambda m: m.name in STEER_BASELINES)
+    graded = {m.name: _run_steer_method(lm, task, m, ref) for m in run_order}
+    return {"organism": task.organism, "task": task.name, "goal": task.goal, "description": task.description,
+            "tau": task.tau, "metrics": dict(task.metrics), "unsteered": unsteered,
+            "oracle": None if task.oracle is None else asdict(task.oracle), "oracle_note": task.oracle_note,
+            "methods": {m.name: graded[m.name] for m in methods}}
+
+
+def run_steer_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | None = None,
+                          tau: float | None = None) -> dict[str, Any]:
+    """Grade steer methods on the organisms' steer tasks (``tau``: the KL budget, default each task's own, 0.1
+    nats); returns the result as JSON-ready data."""
+    from lsi.organisms.registry import ORGANISMS, get_organism, ground_truth, load_organism
+
+    if tau is not None and not tau > 0:
+        raise InputError("a KL budget tau > 0 (nats)", repr(tau), "use e.g. --tau 0.1")
+    chosen = get_steer_methods(methods)
+    names = list(ORGANISMS) if organisms is None else organisms
+    result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
+    for name in names:
+        organism = get_organism(name)
+        if organism.steer_tasks is None:
+            result["skipped_organisms"][name] = "no steer task"
+            continue
+        lm = load_organism(name)
+        for task in organism.steer_tasks(lm, ground_truth(name)):
+            task = task if tau is None else dataclasses.replace(task, tau=tau)
+            result["tasks"].append(grade_steer_task(lm, task, chosen))
+    return result
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _steer_row(name: str, point: dict[str, Any], seconds: float, width: int) -> str:
+    at = ", ".join(f"{k}={v}" for k, v in point["settings"].items() if k != "norm")
+    return (f"    {name:<{width}} {_cell(point['success'], '.3f'):>7} {_cell(point['generalization'], '.3f'):>7} "
+            f"{_cell(point['specificity'], '.3f'):>7} {_cell(point['fluency'], '.3f'):>7} "
+            f"{_cell(point['kl'], '.4f'):>7} {_cell(point['dloss'], '+.4f'):>8} {seconds:>6.2f}  {at}").rstrip()
+
+
+def render_steer_table(result: dict[str, Any]) -> str:
+    """A block per steer task: what each column measures, then the unsteered model, the oracle, and one row per
+    method at its best point within the KL budget (skipped methods last, one line per reason)."""
+    width = max([22, *(len(m) for task in result["tasks"] for m in task["methods"])])
+    head = (f"    {'method':<{width}} {'success':>7} {'general':>7} {'specif':>7} {'fluency':>7} {'KL':>7} "
+            f"{'dloss':>8} {'s':>6}  at")
+    lines = [head, "-" * len(head)]
+    for task in result["tasks"]:
+        lines.append(f"{task['organism']} / {task['task']} ({task['goal']}): best success at KL <= {task['tau']:g} "
+                     f"nats on the test split")
+        lines.extend(f"      {key}: {text}" for key, text in task["metrics"].items())
+        lines.append(_steer_row("unsteered", task["unsteered"], task["unsteered"]["seconds"], width))
+        oracle = task["oracle"]
+        if oracle is None:
+            lines.append(f"    {'oracle':<{width}} {task['oracle_note']}")
+        else:
+            lines.append(_steer_row("oracle", {**oracle, "kl": None, "dloss": None, "settings": {}}, 0.0, width))
+            lines.append(f"      oracle: {task['oracle_note']}")
+        skipped: dict[str, list[str]] = {}
+        for method, graded in task["methods"].items():
+            if "skipped" in graded:
+                skipped.setdefault(graded["skipped"], []).append(method)
+            elif graded["best"] is None:
+                lines.append(f"    {method:<{width}} no candidate within KL <= {task['tau']:g}")
+            else:
+                lines.append(_steer_row(method, graded["best"], graded["seconds"], width))
+        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
+    for name, reason in result["skipped_organisms"].items():
+        lines.append(f"{name}: skipped ({reason})")
+    return "\n".join(lines)
+
+
+# -- both sides -----------------------------------------------------------------------------------------------------
+def _sides(methods: list[str] | None, kind: str) -> dict[str, list[str] | None]:
+    """The sides to run and the method names each gets. With ``kind="all"`` each side takes the names registered
+    on it, and a side none of the (non-empty) names belongs to is left out; an empty list runs the baselines."""
+    if kind not in get_args(Kind):
+        raise InputError(f"a kind in {get_args(Kind)}", repr(kind), "use --kind locate, steer or all")
+    if kind != "all" or methods is None:
+        return {side: methods for side in (("locate", "steer") if kind == "all" else (kind,))}
+    get_locate_methods([])  # loads every registered locate method
+    locate, steer = set(LOCATE_METHODS), set(load_steer_methods())
+    unknown = [n for n in methods if n not in locate | steer]
+    if unknown:
+        raise InputError(f"method names, locate ones from {sorted(locate)} or steer ones from {sorted(steer)}",
+                         str(unknown), "pass --methods with registered names (baselines are always included)")
+    named = {"locate": [n for n in methods if n in locate], "steer": [n for n in methods if n in steer]}
+    return {side: names for side, names in named.items() if names or not methods}
+
+
+def run_benchmark(*, methods: list[str] | None = None, organisms: list[str] | None = None, kind: str = "all",
+                  tau: float | None = None) -> dict[str, Any]:
+    """Run the locate side, the steer side or both (``kind``): the locate result's keys at the top level, the
+    steer result under ``"steer"``, and ``"kinds"`` naming the sides that ran."""
+    from lsi.organisms.registry import get_organism
+
+    for name in organisms or []:
+        get_organism(name)  # unknown names fail before any work
+    sides = _sides(methods, kind)
+    result: dict[str, Any] = {"schema": SCHEMA_VERSION, "kinds": list(sides)}
+    if "locate" in sides:
+        result.update(run_groundtruth(methods=sides["locate"], organisms=organisms))
+    if "steer" in sides:
+        result["steer"] = run_steer_groundtruth(methods=sides["steer"], organisms=organisms, tau=tau)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """The locate table and the steer table of a :func:`run_benchmark` result (whichever ran)."""
+    parts = []
+    if "locate" in result["kinds"]:
+        parts.append(render_table(result))
+    if "steer" in result["kinds"]:
+        parts.append(render_steer_table(result["steer"]))
+    return "\n\n".join(parts)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lsi.bench.steer_tasks import SteerTask
     from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
@@ -62,6 +63,8 @@ class Organism:
     seed: int = 0
     # the locate tasks it grades (None: its ground truth grades steer methods or SAEs instead)
     locate_tasks: Callable[[LanguageModel, dict[str, Any]], list[LocateTask]] | None = None
+    # the steer tasks it grades (None: its ground truth grades no steer method)
+    steer_tasks: Callable[[LanguageModel, dict[str, Any]], list[SteerTask]] | None = None
 
     @property
     def weights_dir(self) -> Path:

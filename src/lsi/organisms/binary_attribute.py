@@ -26,6 +26,7 @@ from lsi.organisms.training import build_word_tokenizer, new_model, save_organis
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.steer_tasks import SteerScores, SteerTask
     from lsi.core.model import LanguageModel
 
 TOPICS: dict[str, dict[str, list[str]]] = {
@@ -276,6 +277,77 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     return VerifyReport("binary_attribute", tuple(checks), details)
 
 
+# -- steer task: graded by lsi.bench, measured with this module's exact checks -------------------------------------
+def _sampled(lm: LanguageModel, prompts: list[dict[str, Any]], seed: int) -> list[list[str]]:
+    """Seeded sampled continuations (up to 40 tokens, ``<eos>`` included) through ``lm.generate``, so an applied
+    steering acts on them."""
+    import torch
+
+    tok = lm.tokenizer
+    vocab = tok.get_vocab()
+    seqs = [encode(vocab, p["text"].split()) for p in prompts]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ids = lm.generate(seqs, max_new_tokens=40, do_sample=True, eos_token_id=tok.eos_token_id)
+    out = []
+    for row in ids[:, max(len(s) for s in seqs):].tolist():
+        words = tok.convert_ids_to_tokens(row)
+        out.append(words[: words.index("<eos>") + 1] if "<eos>" in words else words)
+    return out
+
+
+def _attribute_scores(lm: LanguageModel, split: dict[str, Any], seed: int) -> SteerScores:
+    """Marked rate after neutral prompts (success) and after prefixes that reveal z = 0 (generalization); topic
+    fidelity of the grammatical continuations (specificity) and the grammatical fraction (fluency), both sets.
+    One seeded generation over both sets."""
+    from lsi.bench.steer_tasks import SteerScores
+
+    prompts = split["neutral"] + split["negative"]
+    stats = [(p, words, parse_sentences(words)) for p, words in zip(prompts, _sampled(lm, prompts, seed), strict=True)]
+
+    def rate(part: list[Any]) -> float:
+        return sum(s["marked"] for _, _, s in part) / max(sum(s["modifiers"] for _, _, s in part), 1)
+
+    fluent = [(p, s) for p, words, s in stats if s["grammatical"] and words[-1] == "<eos>"]
+    on_topic = sum(s["topics"].get(p["topic"], 0) for p, s in fluent)
+    content = sum(sum(s["topics"].values()) for _, s in fluent)
+    n = len(split["neutral"])
+    return SteerScores(rate(stats[:n]), rate(stats[n:]), on_topic / max(content, 1), len(fluent) / len(stats))
+
+
+def steer_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[SteerTask]:
+    """Switch the hidden attribute on: contrast = prefixes that reveal z = 1 vs z = 0; KL and Δloss on the held-out
+    labelled documents (both values of z)."""
+    from lsi.bench.steer_tasks import SteerScores, SteerSplit, SteerTask
+
+    vocab = lm.tokenizer.get_vocab()
+
+    def ids(items: list[dict[str, Any]]) -> list[list[int]]:
+        return [encode(vocab, d["text"].split()) for d in items]
+
+    def split(name: str, seed: int, measured: int) -> SteerSplit:
+        """Contrast from every prefix of the split; measures on the first ``measured`` prompts of each kind and
+        the corpus on twice as many documents (dev: half of test's, enough to choose by, at half the cost)."""
+        raw = ground_truth["splits"][name]
+        subset = {key: raw[key][:measured] for key in ("neutral", "negative")}
+        return SteerSplit(positive=ids(raw["positive"]), negative=ids(raw["negative"]),
+                          measure=lambda model: _attribute_scores(model, subset, seed),
+                          corpus=ids(raw["documents"][: 2 * measured]))
+
+    p1 = ground_truth["attribute"]["p_marked"][1]
+    n = len(ground_truth["splits"]["test"]["neutral"])
+    metrics = {"success": "marked-modifier rate of continuations of neutral one-sentence prompts",
+               "generalization": "the same after two-sentence prefixes that reveal z = 0 (the context says otherwise)",
+               "specificity": "topic fidelity: content words of the prompt's topic (grammatical continuations)",
+               "fluency": "grammatical continuations ending in <eos>",
+               "corpus": "held-out documents of both attribute values"}
+    return [SteerTask("binary_attribute", "marked attribute", "induce", split("dev", 0, n // 2), split("test", 1, n),
+                      positions=("all", "last"), metrics=metrics, oracle=SteerScores(p1, p1, 1.0, 1.0),
+                      oracle_note=f"the data generator with z = 1: marked rate {p1:g}, grammar and topic exact by "
+                                  "construction (no KL: not a model intervention)",
+                      description="raise the marked-word rate as documents with z = 1 show it")]
+
+
 ORGANISM = Organism(
     name="binary_attribute",
     summary="2-layer Llama; a hidden document attribute (never a token) raises the rate of a marked lexicon",
@@ -284,4 +356,5 @@ ORGANISM = Organism(
     train=train,
     verify=verify,
     seed=0,
+    steer_tasks=steer_tasks,
 )

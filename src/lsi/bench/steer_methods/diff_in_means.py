@@ -1,0 +1,129 @@
+"""Steer methods built on the difference in means ``v = μ⁺ − μ⁻`` of a task's dev contrast sets
+(:func:`lsi.steer.directions.diff_in_means`), read at every layer's input ``blocks.{l}.resid_pre`` and at each of
+the task's read positions (vectors that are zero, e.g. the embedding of a template token, are left out).
+
+- ``diff_in_means_addition`` (contrastive activation addition): ``AddVector(site, v, ±alpha)`` at every position
+  of the chosen layer's input, for alpha in :data:`ALPHAS` (``+`` to induce the behaviour, ``−`` to remove it).
+  The (layer, read position) is chosen on dev: the highest dev success within the task's KL budget over the same
+  grid (each grid walked up only until it leaves the budget), ties → lower KL.
+- ``directional_ablation`` (Arditi et al. 2024): :class:`~lsi.steer.ablation.DirectionalAblation` of ``v̂`` at
+  every layer's input and every attention and MLP output; the (layer, read position) whose ablation has the highest
+  dev success within the KL budget (the lowest KL if none is within it). Removal tasks only.
+- ``random`` (baseline): a Gaussian direction scaled to the norm of diff_in_means_addition's chosen ``v``, added at
+  its site and strengths; graded as the mean over 3 draws.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
+from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
+from lsi.errors import InputError
+from lsi.steer.ablation import AddVector, DirectionalAblation, Steering
+from lsi.steer.directions import diff_in_means
+
+if TYPE_CHECKING:
+    from lsi.core.model import LanguageModel
+    from lsi.core.positions import PositionSpec
+
+ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of v: the strength grid of every addition curve
+Choice = tuple[str, "PositionSpec", torch.Tensor]  # (site, read position, v)
+
+
+def directions(lm: LanguageModel, task: SteerTask) -> list[Choice]:
+    """``μ⁺ − μ⁻`` of the dev contrast at every layer input and read position (non-zero vectors only)."""
+    out = []
+    for layer in range(lm.dims.n_layers):
+        site = f"blocks.{layer}.resid_pre"
+        for position in task.positions:
+            v = diff_in_means(lm, task.dev.positive, task.dev.negative, site, positions=position)
+            if float(v.norm()) > 1e-6:
+                out.append((site, position, v))
+    if not out:
+        raise InputError("dev contrast sets whose means differ at some layer input and read position",
+                         f"identical means at every blocks.*.resid_pre and positions {list(task.positions)}",
+                         "give the task positive and negative inputs that differ (or other read positions)")
+    return out
+
+
+def _dev_points(lm: LanguageModel, task: SteerTask, steerings: Iterable[Steering]) -> list[Point]:
+    """Dev points of ``steerings`` in order (of increasing strength), stopping after the first beyond the KL
+    budget: stronger ones would only go further."""
+    ref = split_reference(lm, task.dev)
+    points = []
+    for steering in steerings:
+        points.append(measure(lm, task.dev, ref, steering))
+        if points[-1].kl > task.tau:
+            break
+    return points
+
+
+def _rank(points: list[Point], tau: float) -> tuple[bool, float, float]:
+    """Best dev success within the KL budget, then lower KL; without any point within it, the lowest KL."""
+    best = best_at_kl(points, tau)
+    if best is None:
+        return False, 0.0, -min(p.kl for p in points)
+    return True, best.scores.success, -best.kl
+
+
+def choose_on_dev(lm: LanguageModel, task: SteerTask,
+                  steerings: Callable[[str, torch.Tensor], Iterable[Steering]]) -> Choice:
+    """The direction whose steerings ``steerings(site, v)`` (one, or a strength grid) reach the highest dev
+    success within the task's KL budget (:func:`_rank`)."""
+    return max(directions(lm, task), key=lambda c: _rank(_dev_points(lm, task, steerings(c[0], c[2])), task.tau))
+
+
+def _sign(task: SteerTask) -> float:
+    return 1.0 if task.goal == "induce" else -1.0
+
+
+@functools.lru_cache(maxsize=8)  # shared with the random baseline (tasks hash by identity)
+def addition_choice(lm: LanguageModel, task: SteerTask) -> Choice:
+    """diff_in_means_addition's (site, read position, v), chosen on dev over the strength grid."""
+    sign = _sign(task)
+    return choose_on_dev(lm, task, lambda site, v: (AddVector(site, v, sign * a) for a in ALPHAS))
+
+
+def _additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
+               settings: dict[str, object]) -> list[Candidate]:
+    sign = _sign(task)
+    return [Candidate(AddVector(site, vector, sign * a, model=lm), {**settings, "site": site, "alpha": sign * a})
+            for a in ALPHAS]
+
+
+def _addition(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
+    site, position, v = addition_choice(lm, task)
+    return _additions(lm, task, site, v, {"position": position, "norm": round(float(v.norm()), 4)})
+
+
+def _random(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
+    site, _, v = addition_choice(lm, task)
+    gen = torch.Generator().manual_seed(random.Random(f"{task.organism}/{task.name}/{seed}").getrandbits(63))
+    r = torch.randn(v.numel(), generator=gen)
+    return _additions(lm, task, site, r * (v.norm() / r.norm()), {"norm": round(float(v.norm()), 4)})
+
+
+def _ablation(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
+    site, position, v = choose_on_dev(lm, task, lambda site, v: [DirectionalAblation(v)])
+    return [Candidate(DirectionalAblation(v, model=lm), {"direction_site": site, "position": position})]
+
+
+def _removal_only(task: SteerTask) -> str | None:
+    return None if task.goal == "remove" else "ablation removes a direction; it cannot induce a behaviour"
+
+
+register_steer_method(SteerMethod(
+    "random", "a random direction with the norm of diff_in_means_addition's vector, at its site and strengths "
+    "(mean over 3 draws)", _random, draws=3))
+register_steer_method(SteerMethod(
+    "diff_in_means_addition", "add ±alpha (μ⁺ − μ⁻) at one layer's input, all positions; layer and read position "
+    "chosen on dev", _addition))
+register_steer_method(SteerMethod(
+    "directional_ablation", "project the diff-in-means direction out of every layer input and attention / MLP "
+    "output; direction chosen on dev", _ablation, applies=_removal_only))

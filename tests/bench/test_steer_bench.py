@@ -1,0 +1,293 @@
+"""The steer side of the ground-truth benchmark: KL and Δloss against a hand computation, best success within a KL
+budget, the runner on fake methods (no-op, not applicable, registry), the random baseline's equal norm, the
+refusal gate's thresholds, diff-in-means beating random on the binary attribute, and ``lsi bench groundtruth
+--kind``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lsi.bench import steer_registry
+from lsi.bench.groundtruth import grade_steer_task, render_steer_table, run_steer_groundtruth
+from lsi.bench.steer_registry import Candidate, SteerMethod, get_steer_methods
+from lsi.bench.steer_tasks import (
+    Point,
+    SteerScores,
+    SteerSplit,
+    SteerTask,
+    best_at_kl,
+    divergence,
+    measure,
+    reference,
+)
+from lsi.cli.main import cli
+from lsi.core.inputs import Batch
+from lsi.errors import InputError
+from lsi.organisms import refusal_gate as rg
+from lsi.organisms.registry import ground_truth, load_organism
+from lsi.steer.ablation import AddVector, DirectionalAblation
+
+
+# -- best success at KL <= tau ---------------------------------------------------------------------------------------
+def _point(success: float, kl: float, name: str) -> Point:
+    return Point({"name": name}, SteerScores(success), kl, 0.0)
+
+
+@pytest.mark.unit
+def test_best_at_kl_picks_the_most_successful_point_within_the_budget():
+    curve = [_point(0.2, 0.01, "weak"), _point(0.6, 0.05, "tie, more KL"), _point(0.6, 0.03, "tie, less KL"),
+             _point(0.7, 0.1, "on the budget"), _point(0.9, 0.2, "beyond")]
+    assert best_at_kl(curve, 0.1).settings["name"] == "on the budget"  # KL == tau counts as within
+    assert best_at_kl(curve, 0.08).settings["name"] == "tie, less KL"
+    assert best_at_kl(curve, 0.25).settings["name"] == "beyond"
+    assert best_at_kl(curve, 0.005) is None
+    assert best_at_kl([], 0.1) is None
+
+
+# -- KL and Δloss ----------------------------------------------------------------------------------------------------
+class _FixedLM:
+    """Stands in for a model: a fixed batch and fixed logits."""
+
+    def __init__(self, batch: Batch, logits: torch.Tensor) -> None:
+        self.batch, self.logits = batch, logits
+
+    def to_batch(self, inputs):
+        return self.batch
+
+    def forward(self, inputs):
+        return self.logits
+
+
+def _by_hand(p_logits, q_logits, ids, scored):
+    """KL(p || q) and Δ cross-entropy over the (row, t) pairs in ``scored`` (t predicts ids[row][t + 1])."""
+    kl, dce = 0.0, 0.0
+    for row, t in scored:
+        zp = [float(x) for x in p_logits[row, t]]
+        zq = [float(x) for x in q_logits[row, t]]
+        lp = [z - math.log(sum(math.exp(y) for y in zp)) for z in zp]
+        lq = [z - math.log(sum(math.exp(y) for y in zq)) for z in zq]
+        kl += sum(math.exp(a) * (a - b) for a, b in zip(lp, lq, strict=True))
+        target = ids[row][t + 1]
+        dce += lp[target] - lq[target]
+    return kl / len(scored), dce / len(scored)
+
+
+@pytest.mark.unit
+def test_kl_and_delta_loss_match_a_hand_computation_on_either_padding_side():
+    gen = torch.Generator().manual_seed(0)
+    rows = [[1, 4, 2, 3], [2, 0, 1]]  # lengths 4 and 3
+    p = torch.randn(2, 4, 5, generator=gen) * 2
+    q = p + torch.randn(2, 4, 5, generator=gen)
+    right = Batch(torch.tensor([[1, 4, 2, 3], [2, 0, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    # every next token: (row 0: t = 0, 1, 2), (row 1: t = 0, 1); scored_from=[2, 1] keeps targets at index >= 2 / 1
+    for scored_from, pairs in ((None, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]), ([2, 1], [(0, 1), (0, 2), (1, 0),
+                                                                                           (1, 1)])):
+        kl, dloss = divergence(q, reference(_FixedLM(right, p), rows, scored_from))
+        want = _by_hand(p, q, rows, pairs)
+        assert kl == pytest.approx(want[0], abs=1e-12) and dloss == pytest.approx(want[1], abs=1e-12)
+        # the same sequences left-padded (row 1 shifted right by one): the same numbers
+        left = Batch(torch.tensor([[1, 4, 2, 3], [0, 2, 0, 1]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
+        shift = lambda x: torch.stack([x[0], torch.cat([x[1, -1:], x[1, :-1]])])  # noqa: E731
+        kl_left, dloss_left = divergence(shift(q), reference(_FixedLM(left, shift(p)), rows, scored_from))
+        assert kl_left == pytest.approx(kl, abs=1e-12) and dloss_left == pytest.approx(dloss, abs=1e-12)
+    assert divergence(p, reference(_FixedLM(right, p), rows)) == (0.0, 0.0)
+    with pytest.raises(InputError, match="one first scored token index"):
+        reference(_FixedLM(right, p), rows, [1])
+
+
+# -- the runner on fake methods --------------------------------------------------------------------------------------
+TOKEN = 7
+
+
+def _fake_task(lm, goal: str = "induce") -> SteerTask:
+    """A task on a random tiny model: success = mean probability of token 7 at the last position."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, 97, (8, 6), generator=gen)
+
+    def success(model) -> SteerScores:
+        return SteerScores(float(model.forward(prompts)[:, -1].softmax(-1)[:, TOKEN].mean()))
+
+    positive = torch.cat([prompts[:, :5], torch.full((8, 1), TOKEN)], 1)
+    split = SteerSplit(positive=positive, negative=prompts, measure=success,
+                       corpus=torch.randint(3, 97, (4, 10), generator=gen))
+    return SteerTask("toy", "more token 7", goal, split, split, metrics={"success": "p(token 7) at the end"},
+                     tau=0.005)  # a random tiny model's outputs are near uniform: its KL stays small
+
+
+def _method(name: str, candidates, applies=None) -> SteerMethod:
+    return SteerMethod(name, "test-only", lambda lm, task, seed: candidates(lm),
+                       applies=applies or (lambda task: None))
+
+
+@pytest.mark.unit
+def test_runner_grades_a_no_op_as_the_baseline_and_skips_methods_that_do_not_apply(tiny_lm):
+    lm = tiny_lm("llama")
+    task = _fake_task(lm)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    no_op = _method("no-op", lambda lm: [Candidate(AddVector("blocks.0.resid_pre", v, 0.0), {"alpha": 0.0})])
+    grid = _method("grid", lambda lm: [Candidate(AddVector("blocks.1.resid_pre", v, a), {"alpha": a})
+                                       for a in (0.005, 0.02, 5.0)])
+    never = _method("never", lambda lm: [], applies=lambda task: "needs a removal task")
+    graded = grade_steer_task(lm, task, [no_op, grid, never])
+    base = graded["unsteered"]
+    assert base["kl"] == 0.0 and base["dloss"] == 0.0
+    best = graded["methods"]["no-op"]["best"]
+    assert best["success"] == base["success"] and best["kl"] == 0.0 and best["dloss"] == 0.0
+    assert graded["methods"]["never"] == {"skipped": "needs a removal task"}
+    curve = graded["methods"]["grid"]["curves"][0]
+    assert [p["settings"]["alpha"] for p in curve] == [0.005, 0.02, 5.0]
+    assert curve[0]["kl"] < curve[1]["kl"] < curve[2]["kl"] and curve[2]["kl"] > task.tau
+    within = [p for p in curve if p["kl"] <= task.tau]
+    chosen = graded["methods"]["grid"]["best"]
+    assert len(within) == 2 and chosen == max(within, key=lambda p: p["success"])
+    assert list(graded["methods"]) == ["no-op", "grid", "never"]
+    assert "skipped (needs a removal task): never" in render_steer_table({"tasks": [graded],
+                                                                          "skipped_organisms": {}})
+    torch.testing.assert_close(lm.forward([[3, 4, 5]]), lm.forward([[3, 4, 5]]))  # no hooks left behind
+
+
+@pytest.mark.unit
+def test_measure_applies_the_steering_only_inside(tiny_lm):
+    lm = tiny_lm("llama")
+    task = _fake_task(lm)
+    ref = reference(lm, task.test.corpus)
+    steer = DirectionalAblation(torch.randn(32, generator=torch.Generator().manual_seed(3)))
+    point = measure(lm, task.test, ref, steer, {"what": "ablation"})
+    with steer.apply(lm):
+        assert point.scores == task.test.measure(lm)
+    assert point.kl > 0 and point.settings == {"what": "ablation"}
+    assert measure(lm, task.test, ref, None).kl == 0.0
+
+
+@pytest.mark.unit
+def test_registered_methods_appear_after_the_baseline_and_unknown_names_list_them(tiny_lm):
+    steer_registry.STEER_METHODS["test-only"] = _method("test-only", lambda lm: [])
+    try:
+        assert [m.name for m in get_steer_methods(["test-only"])] == ["random", "test-only"]
+        assert {"random", "diff_in_means_addition", "directional_ablation", "test-only"} <= {
+            m.name for m in get_steer_methods(None)}
+    finally:
+        del steer_registry.STEER_METHODS["test-only"]
+    with pytest.raises(InputError, match="directional_ablation"):
+        get_steer_methods(["no such method"])
+    with pytest.raises(InputError, match="tau > 0"):
+        run_steer_groundtruth(methods=[], organisms=[], tau=0.0)
+
+
+@pytest.mark.unit
+def test_random_baseline_has_the_norm_site_and_strengths_of_diff_in_means(tiny_lm):
+    lm = tiny_lm("llama")
+    task = _fake_task(lm)
+    methods = {m.name: m for m in get_steer_methods(None)}
+    dim = methods["diff_in_means_addition"].run(lm, task, 0)
+    draws = [methods["random"].run(lm, task, seed) for seed in range(2)]
+    assert methods["random"].draws == 3
+    assert methods["directional_ablation"].applies(task) is not None  # an induce task
+    for random_candidates in draws:
+        for a, r in zip(dim, random_candidates, strict=True):
+            assert (r.steering.site, r.steering.alpha) == (a.steering.site, a.steering.alpha)
+            torch.testing.assert_close(r.steering.vector.norm(), a.steering.vector.norm())
+            cos = torch.nn.functional.cosine_similarity(r.steering.vector, a.steering.vector, dim=0)
+            assert abs(float(cos)) < 0.9
+    assert not torch.equal(draws[0][0].steering.vector, draws[1][0].steering.vector)
+    same = _fake_task(lm)
+    same = SteerTask("toy", "no contrast", "induce", SteerSplit(same.dev.negative, same.dev.negative,
+                                                                same.dev.measure, same.dev.corpus), same.test)
+    with pytest.raises(InputError, match="means differ"):
+        methods["diff_in_means_addition"].run(lm, same, 0)
+
+
+# -- the organisms ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def steer_result():
+    return run_steer_groundtruth(methods=["diff_in_means_addition", "directional_ablation"],
+                                 organisms=["refusal_gate", "binary_attribute"])
+
+
+def _task(result, name):
+    return next(t for t in result["tasks"] if t["task"] == name)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_refusal_gate_ablation_bypasses_refusal_and_keeps_the_task(steer_result):
+    task = _task(steer_result, "bypass refusal")
+    base, best = task["unsteered"], task["methods"]["directional_ablation"]["best"]
+    assert base["success"] <= 0.05 and base["generalization"] <= 0.05  # refused at least 95% of the time
+    assert best["success"] >= 0.95 and best["generalization"] >= 0.95  # refused at most 5% of the time
+    assert best["specificity"] >= 0.98 * base["specificity"] and best["kl"] <= task["tau"]
+    assert task["methods"]["random"]["best"]["success"] <= 0.05
+    assert task["oracle"] is None and task["oracle_note"].startswith("n/a")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_refusal_gate_addition_induces_refusal(steer_result):
+    task = _task(steer_result, "induce refusal")
+    best = task["methods"]["diff_in_means_addition"]["best"]
+    assert task["unsteered"]["success"] <= 0.05 and task["methods"]["random"]["best"]["success"] <= 0.05
+    assert best["success"] >= 0.45 and best["kl"] <= task["tau"]
+    assert task["methods"]["directional_ablation"] == {
+        "skipped": "ablation removes a direction; it cannot induce a behaviour"}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_binary_attribute_diff_in_means_beats_random_at_equal_kl(steer_result):
+    task = _task(steer_result, "marked attribute")
+    dim, random = task["methods"]["diff_in_means_addition"], task["methods"]["random"]
+    assert dim["best"]["success"] >= random["best"]["success"] + 0.25
+    assert dim["best"]["success"] >= task["unsteered"]["success"] + 0.25 and dim["best"]["fluency"] >= 0.75
+    for curve in random["curves"]:  # every random draw was strong enough to spend the same KL, and did worse there
+        assert max(p["kl"] for p in curve) >= dim["best"]["kl"]
+        assert max(p["success"] for p in curve if p["kl"] <= task["tau"]) < dim["best"]["success"]
+    assert task["oracle"]["success"] == 0.75
+    json.dumps(steer_result)  # JSON-ready
+    table = render_steer_table(steer_result)
+    assert "binary_attribute / marked attribute (induce)" in table and "refusal_gate / bypass refusal (remove)" in table
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_generated_replies_equal_the_organisms_own_sampler_under_a_steering():
+    lm = load_organism("refusal_gate")
+    test = ground_truth("refusal_gate")["splits"]["test"]
+    texts = test["harmful"][:40] + test["harmless"][:40]
+    steer = DirectionalAblation(torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4)
+    with steer.apply(lm):
+        assert rg._generated_replies(lm, texts) == rg._replies(lm, texts, [])
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_cli_kind_chooses_the_sides(tmp_path):
+    runner = CliRunner()
+    steer = runner.invoke(cli, ["bench", "groundtruth", "--kind", "steer", "--organisms", "induction"])
+    assert steer.exit_code == 0, steer.output
+    assert "induction: skipped (no steer task)" in steer.output and "AUROC" not in steer.output
+    locate = runner.invoke(cli, ["bench", "groundtruth", "--kind", "locate", "--organisms", "binary_attribute"])
+    assert locate.exit_code == 0, locate.output
+    assert "binary_attribute: skipped (no locate task" in locate.output and "success" not in locate.output
+    path = tmp_path / "gt.json"
+    only_steer = runner.invoke(cli, ["bench", "groundtruth", "--methods", "directional_ablation", "--organisms",
+                                     "induction", "--json", str(path)])
+    assert only_steer.exit_code == 0, only_steer.output
+    assert json.loads(path.read_text())["kinds"] == ["steer"]  # no locate method named: that side is left out
+
+
+@pytest.mark.integration
+def test_cli_unknown_names_and_bad_budgets_are_typed_errors():
+    runner = CliRunner()
+    both = runner.invoke(cli, ["bench", "groundtruth", "--methods", "no_such", "--organisms", "induction"])
+    assert both.exit_code != 0 and "activation_patching" in both.output and "directional_ablation" in both.output
+    steer = runner.invoke(cli, ["bench", "groundtruth", "--kind", "steer", "--methods", "activation_patching"])
+    assert steer.exit_code != 0 and "steer method names" in steer.output
+    tau = runner.invoke(cli, ["bench", "groundtruth", "--kind", "steer", "--tau", "-1", "--organisms", "induction"])
+    assert tau.exit_code != 0 and "tau > 0" in tau.output
+    organism = runner.invoke(cli, ["bench", "groundtruth", "--kind", "steer", "--organisms", "nope"])
+    assert organism.exit_code != 0 and "refusal_gate" in organism.output
