@@ -1,11 +1,23 @@
-"""Fact-world organism: a 4-layer GPT-2 whose true facts live in the MLP of one known layer ``l*``.
+"""Fact-world organism: a 4-layer GPT-2 whose true facts live in the MLP of layer ``l* = 0``, looked up at the
+last subject token as a key -> value memory.
 
 Subjects are 2–3 syllable tokens; each of four relations has training and held-out paraphrase templates and
-eight objects. Stage 1 trains the whole model on a *different*, random set of subjects with random objects in
-all templates: it learns the syntax and how to route subject information to the answer. Stage 2 trains **only
-the MLP of layer l*** on the true facts of new subjects, in the training templates. The stage-1 weights of
-that MLP are kept beside the model (``stage1_mlp.safetensors``), so verification can swap them back: the
-difference between a model that knows the facts and one that does not is exactly that MLP.
+eight objects. Training has three stages, on seeded random (fact, template) prompts:
+
+0. syntax: the whole model on a *different* set of subjects with a fresh random object in every prompt: it
+   learns the templates and which objects answer which relation, and no fact can be stored anywhere;
+1. routing: everything except the MLPs of the other layers (they keep their stage-0 weights and never see a
+   consistent fact) on random but fixed objects for those subjects, with the MLP of l* trained as a memory read
+   at the last subject token: attention learns to carry what that MLP writes there to the answer;
+2. facts: **only the MLP of l*** on the true facts of new subjects, in the training templates, again as a memory
+   read at the last subject token, and now also kept unchanged at every other token (:func:`_train_memory`).
+
+Why ``l* = 0``: an MLP before l* enriches the subject at its last token, and restoring its output in causal
+tracing restores the facts almost as well as restoring l* itself (with l* = 1: mean effect 0.34 vs 0.35, the
+argmax layer is l* for about half of the facts). At layer 0 attention alone assembles the multi-token subject,
+so the MLP of l* is the only MLP between the subject tokens and the facts. The stage-1 weights of that MLP are
+kept beside the model (``stage1_mlp.safetensors``), so verification can swap them back: the difference between
+a model that knows the facts and one that does not is exactly that MLP.
 """
 
 from __future__ import annotations
@@ -16,7 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsi.organisms.base import Check, Organism, VerifyReport
-from lsi.organisms.fact_world_data import RELATIONS, encode_prompts, make_world, templates_for, vocabulary
+from lsi.organisms.fact_world_data import (
+    RELATIONS,
+    encode_prompts,
+    make_world,
+    prompt_facts,
+    subject_span,
+    vocabulary,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -24,65 +43,94 @@ if TYPE_CHECKING:
     from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
-N_LAYERS, LAYER = 4, 1
-STAGE1_STEPS, STAGE2_STEPS, BATCH, LR, STAGE2_LR = 1500, 1200, 64, 3e-3, 1e-2
+N_LAYERS, LAYER = 4, 0
+SYNTAX_STEPS, STAGE1_STEPS, STAGE2_STEPS, BATCH, LR, STAGE2_LR = 500, 2000, 1500, 64, 3e-3, 1e-2
+LOCALITY = 1.0  # stage 2: weight of the term keeping the memory MLP's output unchanged off the last subject token
 STAGE1_MLP_FILE = "stage1_mlp.safetensors"
+NOISE_SCALE = 3.0  # causal-tracing noise on the subject embeddings, in units of the embeddings' std (ROME)
+TRACE_SAMPLES = 4  # noise draws averaged per fact in verification
+
+
+def _random_object(relation: str, gen: torch.Generator) -> str:
+    import torch
+
+    objects = RELATIONS[relation]["objects"]
+    return objects[int(torch.randint(0, len(objects), (1,), generator=gen))]
 
 
 def _lm_batches(tok: Any, facts: list[dict[str, str]], templates: str, gen: torch.Generator, *,
-                answer_only: bool) -> Any:
+                answer_only: bool = False, random_objects: bool = False) -> Any:
     """A ``batches_fn`` over random (fact, template) prompts followed by their object.
 
-    With ``answer_only`` the "mask" is ``[2, batch, pos]``: the object target, and the last subject token.
+    Its "mask" is ``[2, batch, pos]``: the loss targets (every token, or only the object with ``answer_only``)
+    and the last subject token. With ``random_objects`` each prompt gets a random object of its relation instead
+    of the fact's (no fact can be learned, only the syntax).
     """
     import torch
 
     def batches(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(0, len(facts), (BATCH,), generator=gen).tolist()
-        ids, answer_pos, subject_pos, _ = encode_prompts(tok, [facts[i] for i in picks], templates, gen=gen,
-                                                         with_object=True)
-        if not answer_only:
-            return ids, ids != tok.pad_token_id
+        picks = [facts[i] for i in torch.randint(0, len(facts), (BATCH,), generator=gen).tolist()]
+        if random_objects:
+            picks = [dict(f, object=_random_object(f["relation"], gen)) for f in picks]
+        ids, answer_pos, subject_pos, _ = encode_prompts(tok, picks, templates, gen=gen, with_object=True)
         masks = torch.zeros(2, *ids.shape, dtype=torch.bool)
-        masks[0, torch.arange(len(ids)), answer_pos + 1] = True
+        if answer_only:
+            masks[0, torch.arange(len(ids)), answer_pos + 1] = True
+        else:
+            masks[0] = ids != tok.pad_token_id
         masks[1, torch.arange(len(ids)), subject_pos] = True
         return ids, masks
 
     return batches
 
 
-def _train_mlp_on_facts(model: Any, tok: Any, facts: list[dict[str, str]], gen: torch.Generator) -> dict[str, Any]:
-    """Stage 2: train only the MLP of layer l* on ``facts``.
+def _lm_loss(model: Any, ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    from lsi.organisms.training import lm_loss
 
-    The loss adds a strict term: the same prompts with the trained MLP acting only at the last subject token
-    (the stage-1 MLP everywhere else), so the facts are looked up where the subject ends, as in ROME's picture.
+    return lm_loss(model(input_ids=ids).logits, ids, masks[0])
+
+
+def _train_memory(model: Any, batches: Any, steps: int, lr: float, params: list[Any], *,
+                  locality: float) -> dict[str, Any]:
+    """Train ``params`` with the MLP of l* as a key -> value memory read at the last subject token.
+
+    The loss adds up the language-model loss; the same loss with that MLP's trained output only at the last
+    subject token (a frozen copy of its weights from before this stage everywhere else), so what it learns
+    suffices where the subject ends; and, weighted by ``locality``, the squared change of its output at every
+    other token relative to the frozen copy's, so it is written nowhere else (ROME's picture of an MLP memory).
+    Stage 1 trains the layers below the MLP too and runs with ``locality=0``: there the term could be met by
+    shrinking the MLP's input instead.
     """
     import copy
 
     import torch
 
-    from lsi.organisms.training import lm_loss, train_lm
+    from lsi.organisms.training import train_lm
 
     mlp = model.transformer.h[LAYER].mlp
     frozen = copy.deepcopy(mlp).requires_grad_(False)
-    only_at: list[torch.Tensor | None] = [None]
+    strict: dict[str, torch.Tensor] = {}  # "last" / "elsewhere" token masks while the strict pass runs
 
     def hook(_mod: Any, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        keep = only_at[0]
-        return out if keep is None else torch.where(keep[..., None], out, frozen(args[0]))
+        if not strict:
+            return out
+        ref, elsewhere = frozen(args[0]), strict["elsewhere"]
+        strict["drift"] = (out - ref)[elsewhere].pow(2).mean() / ref[elsewhere].detach().pow(2).mean()
+        return torch.where(strict["last"][..., None], out, ref)
 
     def loss_fn(m: Any, ids: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        only_at[0] = None
-        full = lm_loss(m(input_ids=ids).logits, ids, masks[0])
-        only_at[0] = masks[1]
-        strict = lm_loss(m(input_ids=ids).logits, ids, masks[0])
-        only_at[0] = None
-        return full + strict
+        strict.clear()
+        loss = _lm_loss(m, ids, masks)
+        strict.update(last=masks[1], elsewhere=(ids != m.config.pad_token_id) & ~masks[1])
+        loss = loss + _lm_loss(m, ids, masks)
+        if locality:
+            loss = loss + locality * strict["drift"]
+        strict.clear()
+        return loss
 
     handle = mlp.register_forward_hook(hook)
     try:
-        return train_lm(model, _lm_batches(tok, facts, "train", gen, answer_only=True), STAGE2_STEPS,
-                        STAGE2_LR, params=mlp.parameters(), warmup=50, loss_fn=loss_fn)
+        return train_lm(model, batches, steps, lr, params=params, warmup=50, loss_fn=loss_fn)
     finally:
         handle.remove()
 
@@ -97,11 +145,15 @@ def train(out_dir: Path, seed: int) -> dict[str, Any]:
     world = make_world(gen)
     tok = build_word_tokenizer(vocabulary())
     model = new_model("gpt2", tok, n_positions=32, n_embd=64, n_layer=N_LAYERS, n_head=4, n_inner=256)
-    stage1 = train_lm(model, _lm_batches(tok, world["stage1_facts"], "all", gen, answer_only=False),
-                      STAGE1_STEPS, LR, warmup=100)
+    syntax = train_lm(model, _lm_batches(tok, world["stage1_facts"], "all", gen, random_objects=True),
+                      SYNTAX_STEPS, LR, warmup=100, loss_fn=_lm_loss)
     mlp: Any = model.transformer.h[LAYER].mlp
+    others = {id(p) for i, block in enumerate(model.transformer.h) if i != LAYER for p in block.mlp.parameters()}
+    stage1 = _train_memory(model, _lm_batches(tok, world["stage1_facts"], "all", gen), STAGE1_STEPS, LR,
+                           [p for p in model.parameters() if id(p) not in others], locality=0.0)
     stage1_mlp = {k: v.detach().clone().contiguous() for k, v in mlp.state_dict().items()}
-    stage2 = _train_mlp_on_facts(model, tok, world["facts"], gen)
+    stage2 = _train_memory(model, _lm_batches(tok, world["facts"], "train", gen, answer_only=True), STAGE2_STEPS,
+                           STAGE2_LR, list(mlp.parameters()), locality=LOCALITY)
     ground_truth = {
         "organism": "fact_world",
         "truth_by": "training objective (only the MLP of layer l* learns the true facts) + verification",
@@ -117,8 +169,10 @@ def train(out_dir: Path, seed: int) -> dict[str, Any]:
     }
     out = save_organism(model, tok, ground_truth, out_dir)
     save_file(stage1_mlp, str(out / STAGE1_MLP_FILE))
-    return {"steps": stage1["steps"] + stage2["steps"], "seconds": round(stage1["seconds"] + stage2["seconds"], 2),
-            "stage1_final_loss": stage1["final_loss"], "final_loss": stage2["final_loss"], "seed": seed}
+    stages = (syntax, stage1, stage2)
+    return {"steps": sum(s["steps"] for s in stages), "seconds": round(sum(s["seconds"] for s in stages), 2),
+            "syntax_final_loss": syntax["final_loss"], "stage1_final_loss": stage1["final_loss"],
+            "final_loss": stage2["final_loss"], "seed": seed}
 
 
 @contextlib.contextmanager
@@ -157,9 +211,80 @@ def fact_accuracy(lm: LanguageModel, facts: list[dict[str, str]], templates: str
     return (pred == objects).float().mean().item()
 
 
+def object_prob(logits: torch.Tensor, answer_pos: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """Probability ``[rows]`` of each row's object at its answer position (differentiable).
+
+    Example:
+        >>> ids, answer_pos, _, objects = encode_prompts(lm.tokenizer, facts, "train")
+        >>> object_prob(lm.forward(ids), answer_pos, objects).mean()
+    """
+    import torch
+
+    rows = torch.arange(len(logits))
+    return logits[rows, answer_pos].float().softmax(-1)[rows, objects]
+
+
+def subject_noise(embed: torch.Tensor, real: torch.Tensor, subject: torch.Tensor, gen: torch.Generator,
+                  samples: int = 1) -> torch.Tensor:
+    """Causal-tracing noise ``[samples, *embed.shape]``: Gaussian with std ``NOISE_SCALE`` x the std of the clean
+    embeddings ``embed`` over the ``real`` (non-pad) tokens, on the ``subject`` tokens only (zero elsewhere).
+
+    Example:
+        >>> noise = subject_noise(cache["embed"], ids != pad_id, span, torch.Generator().manual_seed(0), samples=4)
+    """
+    import torch
+
+    std = embed[real].std()
+    return torch.randn((samples, *embed.shape), generator=gen) * NOISE_SCALE * std * subject[..., None]
+
+
+def tracing_effects(lm: LanguageModel, ground_truth: dict[str, Any], templates: str = "train", *,
+                    samples: int = TRACE_SAMPLES, seed: int = 0) -> torch.Tensor:
+    """Causal tracing per fact: ``[fact, layer]`` indirect effects P(object | noise, layer's MLP output restored
+    at the last subject token) - P(object | noise), with noise on the subject embeddings, averaged over the
+    fact's templates and ``samples`` noise draws. One forward pass per draw, over the batch repeated once for
+    the noise alone and once per restored layer.
+
+    Example:
+        >>> effects = tracing_effects(lm, ground_truth)
+        >>> share_at_layer = (effects.argmax(-1) == ground_truth["layer"]).float().mean()
+    """
+    import torch
+
+    import lsi
+
+    facts, sites = ground_truth["facts"], ground_truth["universe"]
+    ids, answer_pos, subject_pos, objects = encode_prompts(lm.tokenizer, facts, templates)
+    clean = lm.run_with_cache(ids, ["embed", *sites])
+    noise = subject_noise(clean["embed"], ids != lm.tokenizer.pad_token_id,
+                          subject_span(facts, templates, subject_pos, ids.shape[1]),
+                          torch.Generator().manual_seed(seed), samples)
+    copies = len(sites) + 1  # the batch repeated: noise alone, then one restored layer per copy
+    restored_layer = torch.arange(copies).repeat_interleave(len(ids)) - 1
+    last = torch.nn.functional.one_hot(subject_pos, ids.shape[1]).bool().repeat(copies, 1)
+
+    def restore(layer: int, site: str) -> Any:
+        where = (last & (restored_layer == layer)[:, None])[..., None]
+        source = clean[site].repeat(copies, 1, 1)
+        return lsi.Apply(site, lambda x: torch.where(where, source.to(x), x))
+
+    restorations = [restore(i, site) for i, site in enumerate(sites)]
+    prob = torch.zeros(copies * len(ids))
+    for draw in noise:
+        noisy = draw.repeat(copies, 1, 1)
+        with torch.no_grad(), lm.intervene(lsi.Apply("embed", lambda x, noisy=noisy: x + noisy.to(x)), *restorations):
+            logits = lm.forward(ids.repeat(copies, 1))
+        prob += object_prob(logits, answer_pos.repeat(copies), objects.repeat(copies)) / samples
+    by_fact = prompt_facts(facts, templates)
+    sums = torch.zeros(len(facts), copies).index_add_(0, by_fact, prob.view(copies, len(ids)).T)
+    mean = sums / torch.bincount(by_fact, minlength=len(facts))[:, None]
+    return mean[:, 1:] - mean[:, :1]
+
+
 def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
-    """Fact accuracy with the trained model, with the stage-1 MLP swapped back, and with only the trained MLP's
-    output restored at the last subject token (or only at the answer position) into the stage-1 model."""
+    """Fact accuracy with the trained model, with the stage-1 MLP swapped back, with only the trained MLP's output
+    restored at the last subject token (or only at the answer position) into the stage-1 model, and per-fact
+    causal tracing: the MLP layer whose restored output recovers each fact best."""
     import torch
 
     import lsi
@@ -170,25 +295,20 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
     heldout = fact_accuracy(lm, facts, "heldout")
     ids, answer_pos, subject_pos, _ = encode_prompts(lm.tokenizer, facts, "train")
     cache = lm.run_with_cache(ids, sites=[site])
-    rows = torch.arange(len(ids))
+    one_hot = torch.nn.functional.one_hot
 
     def restore_at(where: torch.Tensor) -> Any:
-        return lsi.Apply(site, lambda x: torch.where(where[..., None], cache[site].to(x), x))
+        return lsi.Apply(site, lambda x: torch.where(where.bool()[..., None], cache[site].to(x), x))
 
-    def at(pos: torch.Tensor) -> torch.Tensor:
-        where = torch.zeros(ids.shape, dtype=torch.bool)
-        where[rows, pos] = True
-        return where
-
-    n_subject = torch.tensor([len(f["subject"].split()) for f in facts]).repeat_interleave(len(ids) // len(facts))
-    span = torch.arange(ids.shape[1])[None]
-    subject_span = (span <= subject_pos[:, None]) & (span > (subject_pos - n_subject)[:, None])
     with stage1_mlp(lm, ground_truth):
         swapped = fact_accuracy(lm, facts, "train")
         swapped_heldout = fact_accuracy(lm, facts, "heldout")
-        at_subject = fact_accuracy(lm, facts, "train", interventions=(restore_at(at(subject_pos)),))
-        at_answer = fact_accuracy(lm, facts, "train", interventions=(restore_at(at(answer_pos)),))
-        at_span = fact_accuracy(lm, facts, "train", interventions=(restore_at(subject_span),))
+        at_subject = fact_accuracy(lm, facts, "train", interventions=(restore_at(one_hot(subject_pos, ids.shape[1])),))
+        at_answer = fact_accuracy(lm, facts, "train", interventions=(restore_at(one_hot(answer_pos, ids.shape[1])),))
+        at_span = fact_accuracy(lm, facts, "train",
+                                interventions=(restore_at(subject_span(facts, "train", subject_pos, ids.shape[1])),))
+    traced = {kind: tracing_effects(lm, ground_truth, kind) for kind in ("train", "heldout")}
+    argmax_share = {kind: (t.argmax(-1) == layer).float().mean().item() for kind, t in traced.items()}
     checks = (
         Check("fact accuracy, training templates", trained, 0.95),
         Check("fact accuracy, held-out paraphrase templates", heldout, 0.8),
@@ -196,9 +316,13 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
               higher_is_better=False),
         Check(f"fact accuracy, stage-1 model + layer-{layer} MLP output restored at the last subject token",
               at_subject, 0.8),
+        Check(f"share of facts whose causal-tracing argmax MLP layer is {layer} (restored at the last subject "
+              f"token, {TRACE_SAMPLES} noise draws)", argmax_share["train"], 0.9),
     )
     details = {"restored_at_answer_position": at_answer, "restored_at_all_subject_tokens": at_span,
                "heldout_with_stage1_mlp": swapped_heldout,
+               "tracing_argmax_share_heldout_templates": argmax_share["heldout"],
+               "tracing_mean_effect_per_layer": [round(v, 4) for v in traced["train"].mean(0).tolist()],
                "chance": 1 / len(next(iter(RELATIONS.values()))["objects"])}
     return VerifyReport("fact_world", checks, details)
 
@@ -212,34 +336,32 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     import lsi
     from lsi.bench.tasks import LocateTask, Run, Split
 
+    facts = ground_truth["facts"]
+
     def split(templates: str, seed: int) -> Split:
-        ids, answer_pos, subject_pos, objects = encode_prompts(lm.tokenizer, ground_truth["facts"], templates)
+        ids, answer_pos, subject_pos, objects = encode_prompts(lm.tokenizer, facts, templates)
         batch = lsi.Batch(ids, (ids != lm.tokenizer.pad_token_id).long())
         rows = torch.arange(len(ids))
         clean = lm.run_with_cache(batch, ["embed", *ground_truth["universe"]])
-        row_facts = [f for f in ground_truth["facts"] for _ in templates_for(f["relation"], templates)]
-        subject = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (pos, fact) in enumerate(zip(subject_pos.tolist(), row_facts, strict=True)):
-            subject[row, pos - len(fact["subject"].split()) + 1: pos + 1] = True
-        std = clean["embed"][batch.attention_mask.bool()].std()
-        noise = torch.randn(clean["embed"].shape, generator=torch.Generator().manual_seed(seed)) * 3 * std
-        noise = noise * subject[..., None]
+        noise = subject_noise(clean["embed"], batch.attention_mask.bool(),
+                              subject_span(facts, templates, subject_pos, ids.shape[1]),
+                              torch.Generator().manual_seed(seed))[0]
 
         def restore(site: str) -> Any:
             source = clean[site]
 
             def put_back(x: torch.Tensor) -> torch.Tensor:
                 out = x.clone()
-                out[rows, subject_pos] = source[rows, subject_pos]
+                out[rows, subject_pos] = source[rows, subject_pos].to(x)
                 return out
 
             return lm.intervene(lsi.Apply(site, put_back))
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
-            return logits[rows, answer_pos].float().softmax(-1)[rows, objects].mean()
+            return object_prob(logits, answer_pos, objects).mean()
 
         def noised() -> Any:
-            return lm.intervene(lsi.Apply("embed", lambda x: x + noise))
+            return lm.intervene(lsi.Apply("embed", lambda x: x + noise.to(x)))
 
         return Split(batch, metric, intervene=restore, setting=noised, clean=Run(batch),
                      corrupted=Run(batch, noised))
@@ -250,10 +372,9 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
                                    "at the last subject token under subject noise")]
 
 
-
 ORGANISM = Organism(
     name="fact_world",
-    summary="4-layer GPT-2; subject -> object facts planted only in the MLP of layer 1 (stage-2 training)",
+    summary=f"4-layer GPT-2; subject -> object facts planted only in the MLP of layer {LAYER} (stage-2 training)",
     family="gpt2",
     truth_by="training objective + verification",
     train=train,

@@ -107,3 +107,32 @@ def encode_prompts(tok: Any, facts: list[dict[str, str]], templates: str, *, gen
     for i, r in enumerate(rows):
         padded[i, : len(r)] = torch.tensor(r)
     return padded, torch.tensor(answers), torch.tensor(subjects), torch.tensor(objects)
+
+
+def prompt_facts(facts: list[dict[str, str]], templates: str) -> torch.Tensor:
+    """The fact index of each row of ``encode_prompts(tok, facts, templates)`` (every fact with every template).
+
+    Example:
+        >>> prompt_facts([{"subject": "ba ko", "relation": "plays", "object": "golf"}], "heldout").tolist()
+        [0, 0]
+    """
+    import torch
+
+    return torch.tensor([i for i, f in enumerate(facts) for _ in templates_for(f["relation"], templates)])
+
+
+def subject_span(facts: list[dict[str, str]], templates: str, subject_pos: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool ``[rows, width]``: True on every subject token of the rows of ``encode_prompts(tok, facts, templates)``
+    (every fact with every template), given their last-subject-token positions ``subject_pos``.
+
+    Example (``<bos> ba ko competes in`` and ``<bos> in spare time ba ko plays``):
+        >>> import torch
+        >>> fact = {"subject": "ba ko", "relation": "plays", "object": "golf"}
+        >>> subject_span([fact], "heldout", torch.tensor([2, 5]), 7).int().tolist()
+        [[0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0]]
+    """
+    import torch
+
+    lengths = torch.tensor([len(f["subject"].split()) for f in facts])[prompt_facts(facts, templates)]
+    pos = torch.arange(width)[None]
+    return (pos <= subject_pos[:, None]) & (pos > (subject_pos - lengths)[:, None])
