@@ -6,7 +6,7 @@ import pytest
 
 from lsi.bench import registry
 from lsi.bench.groundtruth import render_table, run_groundtruth, write_json
-from lsi.bench.registry import LocateMethod
+from lsi.bench.registry import LocateMethod, MethodOutput
 from lsi.errors import InputError
 
 pytestmark = pytest.mark.integration
@@ -20,11 +20,16 @@ def result():
     registry.LOCATE_METHODS["heads only"] = LocateMethod(
         "heads only", "test-only: applies to head universes", lambda lm, task, seed: dict.fromkeys(task.universe, 0.0),
         applies=lambda task: None if "head_out" in task.universe[0] else "universe is not attention heads")
+    registry.LOCATE_METHODS["with extras"] = LocateMethod(
+        "with extras", "test-only: scores plus a reported curve",
+        lambda lm, task, seed: MethodOutput(dict.fromkeys(task.universe, 1.0), {"faithfulness": {
+            "percent_of_edges": [50.0, 100.0], "sizes": [1, 2], "values": [0.25, 1.0], "area": 0.5}}))
     try:
-        yield run_groundtruth(methods=["reverse oracle", "heads only"],
+        yield run_groundtruth(methods=["reverse oracle", "heads only", "with extras"],
                               organisms=["induction", "layer_redundancy", "refusal_gate"])
     finally:
-        del registry.LOCATE_METHODS["reverse oracle"], registry.LOCATE_METHODS["heads only"]
+        for name in ("reverse oracle", "heads only", "with extras"):
+            del registry.LOCATE_METHODS[name]
 
 
 def _task(result, organism):
@@ -51,6 +56,8 @@ def test_registered_methods_are_graded_or_skipped_with_their_reason(result):
     table = render_table(result)
     assert "layer_redundancy / redundant layers" in table
     assert "skipped (universe is not attention heads): heads only" in table
+    assert "faithfulness of the top edges (area 0.500): 50%:0.25 100%:1.00" in table
+    assert _task(result, "induction")["methods"]["with extras"]["extras"]["faithfulness"]["area"] == 0.5
 
 
 def test_layer_redundancy_truth_is_the_least_important(result):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lsi.bench import metrics
-from lsi.bench.registry import LOCATE_METHODS, LocateMethod, Scores, get_locate_methods
+from lsi.bench.registry import LOCATE_METHODS, LocateMethod, MethodOutput, Scores, get_locate_methods
 from lsi.bench.steer_registry import STEER_BASELINES, SteerMethod, get_steer_methods, load_steer_methods
 from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
 from lsi.bench.tasks import LocateTask
@@ -65,14 +65,21 @@ def oracle_margin(oracle: Scores, task: LocateTask) -> float:
     return (min(planted) - max(others)) / scale
 
 
+def _scores(output: Scores | MethodOutput) -> Scores:
+    return output.scores if isinstance(output, MethodOutput) else output
+
+
 def _run_method(lm: Any, task: LocateTask, method: LocateMethod, oracle: Scores) -> dict[str, Any]:
     reason = method.applies(task)
     if reason is not None:
         return {"skipped": reason}
     start = time.perf_counter()
-    graded = [_grade(method.run(lm, task, seed), oracle, task) for seed in range(method.draws)]
+    outputs = [method.run(lm, task, seed) for seed in range(method.draws)]
+    graded = [_grade(_scores(o), oracle, task) for o in outputs]
     out: dict[str, Any] = {k: sum(g[k] for g in graded) / len(graded) for k in _GRADES}
     out["seconds"] = round((time.perf_counter() - start) / method.draws, 3)
+    if isinstance(outputs[0], MethodOutput):
+        out["extras"] = outputs[0].extras
     return out
 
 
@@ -90,7 +97,7 @@ def run_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | 
             continue
         lm = load_organism(name)
         for task in organism.locate_tasks(lm, ground_truth(name)):
-            oracle = chosen[0].run(lm, task, 0)  # get_locate_methods puts the oracle first
+            oracle = _scores(chosen[0].run(lm, task, 0))  # get_locate_methods puts the oracle first
             result["tasks"].append({
                 "organism": name, "task": task.name, "description": task.description,
                 "universe_size": len(task.universe), "planted": sorted(task.planted),
@@ -126,6 +133,8 @@ def render_table(result: dict[str, Any]) -> str:
                 lines.append(f"    {method:<{width}} {grades['r_precision']:>6.3f} {grades['auroc']:>6.3f} "
                              f"{grades['average_precision']:>6.3f} {grades['spearman_vs_oracle']:>6.3f} "
                              f"{grades['seconds']:>7.2f}")
+                if "faithfulness" in grades.get("extras", {}):
+                    lines.append(f"      {_curve_line(grades['extras']['faithfulness'])}")
         lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
     for name, reason in result["skipped_organisms"].items():
         lines.append(f"{name}: skipped ({reason})")
@@ -283,3 +292,8 @@ def render(result: dict[str, Any]) -> str:
     if "steer" in result["kinds"]:
         parts.append(render_steer_table(result["steer"]))
     return "\n\n".join(parts)
+
+
+def _curve_line(curve: dict[str, Any]) -> str:
+    points = " ".join(f"{f:g}%:{v:.2f}" for f, v in zip(curve["percent_of_edges"], curve["values"], strict=True))
+    return f"faithfulness of the top edges (area {curve['area']:.3f}): {points}"

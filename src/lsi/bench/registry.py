@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lsi.bench.tasks import LocateTask, oracle_scores
 from lsi.errors import InputError
@@ -31,10 +31,18 @@ def _always(task: LocateTask) -> str | None:
 
 
 @dataclass(frozen=True)
+class MethodOutput:
+    """Scores plus figures the benchmark reports beside the grades (e.g. a circuit's faithfulness curve)."""
+
+    scores: Scores
+    extras: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class LocateMethod:
     name: str
     summary: str
-    run: Callable[[LanguageModel, LocateTask, int], Scores]  # (model, task, seed) -> scores
+    run: Callable[[LanguageModel, LocateTask, int], Scores | MethodOutput]  # (model, task, seed) -> scores
     applies: Callable[[LocateTask], str | None] = _always  # None, or why the method does not apply
     draws: int = 1  # > 1: graded as the mean over this many seeds (random baselines)
 

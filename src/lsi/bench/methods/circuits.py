@@ -16,9 +16,9 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lsi.bench.registry import LocateMethod, Scores, register_locate_method
+from lsi.bench.registry import LocateMethod, MethodOutput, register_locate_method
 from lsi.bench.tasks import needs_contrast, task_metric
-from lsi.locate.circuits import acdc, eap, eap_ig, node_scores
+from lsi.locate.circuits import acdc, eap, eap_ig, faithfulness_curve, node_scores
 
 if TYPE_CHECKING:
     from lsi.bench.tasks import LocateTask, Split
@@ -47,10 +47,16 @@ def _needs_heads(task: LocateTask) -> str | None:
 
 
 def _method(edges: Callable[[LanguageModel, Split], LocateResult]) -> Callable[[LanguageModel, LocateTask, int],
-                                                                                   Scores]:
-    def run(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:
-        nodes = node_scores(edges(lm, task.test)).as_dict()
-        return {u: nodes[u] for u in task.universe}
+                                                                                   MethodOutput]:
+    """Node scores for grading, and the faithfulness curve of the top edges (signed ranking) on the test split."""
+    def run(lm: LanguageModel, task: LocateTask, seed: int) -> MethodOutput:
+        split = task.test
+        found = edges(lm, split)
+        nodes = node_scores(found).as_dict()
+        curve = faithfulness_curve(lm, split.clean, split.corrupted, task_metric(split), found)
+        extras = {"faithfulness": {"percent_of_edges": [100 * f for f in curve.fractions], "sizes": list(curve.sizes),
+                                   "values": list(curve.values), "area": curve.area}}
+        return MethodOutput({u: nodes[u] for u in task.universe}, extras)
     return run
 
 
