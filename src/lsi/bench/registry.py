@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lsi.bench.tasks import LocateTask, oracle_scores
 from lsi.errors import InputError
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 Scores = dict[str, float]
+M = TypeVar("M")
 
 
 def _always(task: LocateTask) -> str | None:
@@ -58,17 +59,22 @@ def register_locate_method(method: LocateMethod) -> LocateMethod:
     return method
 
 
+def select_methods(registry: dict[str, M], names: list[str] | None, baselines: tuple[str, ...], side: str) -> list[M]:
+    """Baselines first, then ``names`` (every registered method when ``None``); unknown names are refused."""
+    wanted = list(registry) if names is None else names
+    unknown = [n for n in wanted if n not in registry]
+    if unknown:
+        raise InputError(f"{side} method names from {sorted(registry)}", str(unknown),
+                         f"pass --methods with registered names ({', '.join(baselines)} always included)")
+    return [registry[n] for n in dict.fromkeys([*baselines, *wanted])]
+
+
 def get_locate_methods(names: list[str] | None) -> list[LocateMethod]:
     """The methods to grade: the baselines first, then ``names`` (all registered ones when ``None``)."""
     from lsi.bench.methods import load_all
 
     load_all()
-    wanted = list(LOCATE_METHODS) if names is None else names
-    unknown = [n for n in wanted if n not in LOCATE_METHODS]
-    if unknown:
-        raise InputError(f"locate method names from {sorted(LOCATE_METHODS)}", str(unknown),
-                         "pass --methods with registered names (the oracle and random are always included)")
-    return [LOCATE_METHODS[n] for n in dict.fromkeys([*BASELINES, *wanted])]
+    return select_methods(LOCATE_METHODS, names, BASELINES, "locate")
 
 
 def _oracle(lm: LanguageModel, task: LocateTask, seed: int) -> Scores:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lsi.errors import InputError
+from lsi.bench.registry import select_methods
 
 if TYPE_CHECKING:
     from lsi.bench.steer_tasks import SteerTask
@@ -68,10 +68,4 @@ def load_steer_methods() -> dict[str, SteerMethod]:
 
 def get_steer_methods(names: list[str] | None) -> list[SteerMethod]:
     """The methods to grade: the baselines first, then ``names`` (all registered ones when ``None``)."""
-    methods = load_steer_methods()
-    wanted = list(methods) if names is None else names
-    unknown = [n for n in wanted if n not in methods]
-    if unknown:
-        raise InputError(f"steer method names from {sorted(methods)}", str(unknown),
-                         "pass --methods with registered names (the random baseline is always included)")
-    return [methods[n] for n in dict.fromkeys([*STEER_BASELINES, *wanted])]
+    return select_methods(load_steer_methods(), names, STEER_BASELINES, "steer")
