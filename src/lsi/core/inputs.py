@@ -6,11 +6,13 @@ Example:
     ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
     >>> b.position_ids.tolist()
     [[0, 1, 2], [0, 0, 0]]
+    >>> [c.input_ids.tolist() for c in b.chunks(1)]  # all-padding columns of a chunk dropped
+    [[[5, 6, 7]], [[8]]]
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +46,19 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def repeat(self, k: int) -> Batch:
+        """``k`` copies of the batch stacked along the batch axis (copy ``i`` is rows ``i*b .. (i+1)*b - 1``)."""
+        return Batch(self.input_ids.repeat(k, 1), self.attention_mask.repeat(k, 1))
+
+    def chunks(self, rows: int) -> Iterator[Batch]:
+        """Consecutive batches of at most ``rows`` (>= 1) rows, each without the columns that are padding in all of its
+        rows (positions count over real tokens, so nothing a row sees changes)."""
+        for start in range(0, self.input_ids.shape[0], rows):
+            mask = self.attention_mask[start:start + rows]
+            cols = mask.bool().any(0).nonzero().flatten()
+            keep = slice(int(cols[0]), int(cols[-1]) + 1) if len(cols) else slice(0, 0)
+            yield Batch(self.input_ids[start:start + rows, keep], mask[:, keep])
 
 
 def _pad(rows: list[list[int]], side: PaddingSide, pad_id: int) -> Batch:

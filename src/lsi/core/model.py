@@ -153,6 +153,12 @@ class LanguageModel:
         side = padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
         return to_batch(inputs, tokenizer=self.tokenizer, padding_side=side, pad_id=self.pad_id).to(self.device)
 
+    def batches(self, inputs: Inputs | Batch, batch_size: int) -> Iterator[Batch]:
+        """``inputs`` as padded batches of at most ``batch_size`` rows (for streaming over a dataset)."""
+        if batch_size < 1:
+            raise InputError("batch_size >= 1", str(batch_size), "pass a positive batch size, e.g. batch_size=32")
+        return self.to_batch(inputs).chunks(batch_size)
+
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise InputError("a tokenizer to encode text", "none", "load the model with a tokenizer")

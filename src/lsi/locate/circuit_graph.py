@@ -234,11 +234,6 @@ def contrast(lm: LanguageModel, graph: CircuitGraph, clean: Any, corrupted: Any,
     return Contrast(batch, clean_run.setting, graph.sender_values(cache), float(evaluate(metric, cache.logits, batch)))
 
 
-def repeat(batch: Batch, k: int) -> Batch:
-    """``k`` copies of a batch stacked along the batch axis."""
-    return Batch(batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1))
-
-
 def per_copy(metric: Metric, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits of stacked copies of ``batch`` -> the metric of each copy ``[copies]``."""
     def values(logits: torch.Tensor) -> torch.Tensor:
@@ -355,7 +350,7 @@ def patched_metrics(lm: LanguageModel, graph: CircuitGraph, con: Contrast, patch
         for chunk in patched.split(per_forward):
             run = _PatchedForward(lm, graph, con.corrupt, chunk.to(con.corrupt.device))
             with lm.intervene(run.interventions()):
-                logits = lm.forward(repeat(con.batch, len(chunk)))
+                logits = lm.forward(con.batch.repeat(len(chunk)))
             values.append(per_copy(metric, con.batch)(logits))
     return torch.cat(values).double().cpu()
 

@@ -52,7 +52,6 @@ from lsi.locate.circuit_graph import (
     patched_metrics,
     per_copy,
     receiver_grads,
-    repeat,
 )
 from lsi.locate.metrics import metric_name
 from lsi.locate.result import By, LocateResult
@@ -130,7 +129,7 @@ def eap_ig(lm: LanguageModel, clean: Any, corrupted: Any, metric: Metric, *, ste
         chunk = alphas[start:start + per_forward]
         embed = torch.cat([torch.lerp(e_corrupt, e_clean, a) for a in chunk])
         with con.setting():
-            _, _, grads = receiver_grads(lm, graph, repeat(con.batch, len(chunk)), summed, embed)
+            _, _, grads = receiver_grads(lm, graph, con.batch.repeat(len(chunk)), summed, embed)
         total = total + grads.unflatten(0, (len(chunk), -1)).to(wide).sum(0)
     scores = edge_products(graph, graph.sender_values(cache) - con.corrupt, total / steps)
     return _edge_result(graph, con, scores, "eap_ig", metric, steps=steps, f_clean=f_clean,

@@ -257,7 +257,7 @@ def _path_grads(lm: LanguageModel, batch: Batch, metric: Metric, site: Site, sta
     k, rows = len(alphas), batch.input_ids.shape[0]
     shape = (k, *[1] * end.dim())
     path = (start + alphas.view(shape) * (end - start)).flatten(0, 1)
-    repeated = Batch(batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1))
+    repeated = batch.repeat(k)
 
     def summed(logits: torch.Tensor, _: Batch) -> torch.Tensor:
         return torch.stack([evaluate(metric, logits[i * rows:(i + 1) * rows], batch) for i in range(k)]).sum()

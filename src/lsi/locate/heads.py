@@ -26,7 +26,6 @@ import torch
 from lsi.core.inputs import Batch
 from lsi.core.positions import PositionSpec, Span, as_positions
 from lsi.errors import InputError
-from lsi.locate.magnitude import batches
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ def _head_means(lm: LanguageModel, inputs: Any, targets: Targets, batch_size: in
     sites = [f"blocks.{layer}.attn.pattern" for layer in range(lm.dims.n_layers)]
     total = torch.zeros(lm.dims.n_layers, lm.dims.n_heads, dtype=torch.float64)
     count = 0
-    for batch in batches(lm, inputs, batch_size):
+    for batch in lm.batches(inputs, batch_size):
         cache = lm.run_with_cache(batch, sites)
         keys, queries = targets(batch)
         real = batch.attention_mask.bool()

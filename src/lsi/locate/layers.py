@@ -24,7 +24,7 @@ import torch
 
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.errors import InputError
-from lsi.locate.magnitude import batches, require_tokens, unit_sites, unit_values
+from lsi.locate.magnitude import require_tokens, unit_sites, unit_values
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def layer_distances(lm: LanguageModel, inputs_a: Any, inputs_b: Any, sites: Site
     select = as_positions(positions)
     total = torch.zeros(len(concrete), dtype=torch.float64)
     count = 0
-    for a, b in zip(batches(lm, inputs_a, batch_size), batches(lm, inputs_b, batch_size), strict=True):
+    for a, b in zip(lm.batches(inputs_a, batch_size), lm.batches(inputs_b, batch_size), strict=True):
         mask_a, mask_b = (select.mask(x.input_ids, x.attention_mask) for x in (a, b))
         if not torch.equal(mask_a.sum(1), mask_b.sum(1)):
             raise InputError(f"the same number of selected tokens ({select}) in each pair of rows",
@@ -70,7 +70,7 @@ def _mean_over_tokens(lm: LanguageModel, inputs: Any, n: int, fn: Callable[[torc
     select = as_positions(positions)
     total = torch.zeros(layers - n + 1, dtype=torch.float64)
     count = 0
-    for batch in batches(lm, inputs, batch_size):
+    for batch in lm.batches(inputs, batch_size):
         cache = lm.run_with_cache(batch, sites)
         chosen = select.mask(batch.input_ids, batch.attention_mask)
         states = [cache[s][chosen].double() for s in sites]  # x^0 .. x^L, [tokens, d_model] each

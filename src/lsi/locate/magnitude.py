@@ -21,13 +21,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from lsi.core.inputs import Batch
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import Site
 from lsi.errors import InputError, SiteUnavailableError
@@ -134,19 +133,6 @@ def _neuron_labels(lm: LanguageModel) -> list[str]:
 
 
 # -- streaming over a dataset -------------------------------------------------------------------------------------
-def batches(lm: LanguageModel, dataset: Any, batch_size: int = 32) -> Iterator[Batch]:
-    """The dataset (anything ``lm.to_batch`` takes) as batches of ``batch_size`` rows, columns that are padding
-    in every row of a batch dropped."""
-    if batch_size < 1:
-        raise InputError("batch_size >= 1", str(batch_size), "pass a positive batch size")
-    full = lm.to_batch(dataset)
-    for start in range(0, full.input_ids.shape[0], batch_size):
-        mask = full.attention_mask[start:start + batch_size]
-        cols = mask.bool().any(0).nonzero().flatten()
-        keep = slice(int(cols[0]), int(cols[-1]) + 1)
-        yield Batch(full.input_ids[start:start + batch_size, keep], mask[:, keep])
-
-
 def unit_sites(lm: LanguageModel, sites: SiteSpec, *, neurons: bool = False) -> list[Site]:
     """Concrete sites with one value per token and unit (``[batch, pos, units]``); ``neurons=True``: only
     ``mlp.post`` / ``mlp.pre``."""
@@ -176,7 +162,7 @@ def _token_means(lm: LanguageModel, dataset: Any, sites: list[Site], stat: Stat,
     select = as_positions(positions)
     totals: list[torch.Tensor] = [torch.zeros((), dtype=torch.float64)] * len(sites)
     count = 0
-    for batch in batches(lm, dataset, batch_size):
+    for batch in lm.batches(dataset, batch_size):
         cache = lm.run_with_cache(batch, sites)
         chosen = select.mask(batch.input_ids, batch.attention_mask)
         totals = [t + fn(unit_values(cache, s)[chosen].double()).sum(0).cpu() for t, s in zip(totals, sites,

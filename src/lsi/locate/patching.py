@@ -108,7 +108,7 @@ def run_patched(lm: LanguageModel, batch: Batch, runs: Sequence[PatchedRun], sou
 def _forward_copies(lm: LanguageModel, batch: Batch, chunk: Sequence[PatchedRun],
                     sources: Mapping[str, torch.Tensor], setting: ContextFactory) -> torch.Tensor:
     k, b = len(chunk), batch.input_ids.shape[0]
-    expanded = Batch(batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1))
+    expanded = batch.repeat(k)
     sites = dict.fromkeys(w.site for run in chunk for w in run)
     real = batch.attention_mask.bool()
     ops = [Apply(site, _writer(site, chunk, sources[site], real)) for site in sites]

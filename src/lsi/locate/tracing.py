@@ -123,7 +123,7 @@ def trace_effects(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target:
     std = float(clean["embed"][batch.attention_mask.bool()].std())
     noise = subject_noise(subject_mask, clean["embed"].shape[-1], samples=noise_samples, std=noise_scale * std,
                           seed=seed).to(lm.device)
-    base = Batch(batch.input_ids.repeat(noise_samples, 1), batch.attention_mask.repeat(noise_samples, 1))
+    base = batch.repeat(noise_samples)
     labels, groups = _columns(positions, batch, subject_mask)
     runs: list[list[Write]] = [[]]  # the corrupted run itself, then one restoration per (layer, column)
     for layer in range(n_layers):

@@ -147,13 +147,10 @@ def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def _training_states(lm: LanguageModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual states ``[rows, n_tokens, d]`` and final log-probabilities ``[n_tokens, vocab]`` at real tokens."""
-    from lsi.core.inputs import Batch
-
     sites = lens_sites(lm)[0]
     states: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    for start in range(0, batch.input_ids.shape[0], _CHUNK_ROWS):
-        chunk = Batch(batch.input_ids[start:start + _CHUNK_ROWS], batch.attention_mask[start:start + _CHUNK_ROWS])
+    for chunk in batch.chunks(_CHUNK_ROWS):
         cache = lm.run_with_cache(chunk, sites)
         real = chunk.attention_mask.bool()
         states.append(torch.stack([cache[s][real] for s in sites]).float())

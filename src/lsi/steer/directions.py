@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,27 +48,12 @@ def _one_site(lm: LanguageModel, site: str | Site) -> Site:
     return s
 
 
-def _chunks(lm: LanguageModel, inputs: Inputs | Batch, batch_size: int) -> Iterator[Batch]:
-    """Padded batches of at most ``batch_size`` rows (lists are tokenized chunk by chunk)."""
-    if batch_size < 1:
-        raise InputError("batch_size >= 1", str(batch_size), "use e.g. batch_size=64")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, Sequence) and inputs and not isinstance(inputs[0], int):
-        for start in range(0, len(inputs), batch_size):
-            yield lm.to_batch(inputs[start:start + batch_size])
-        return
-    batch = lm.to_batch(inputs)
-    for start in range(0, batch.input_ids.shape[0], batch_size):
-        yield Batch(batch.input_ids[start:start + batch_size], batch.attention_mask[start:start + batch_size])
-
-
 def _sums(lm: LanguageModel, inputs: Inputs | Batch, site: Site, positions: PositionSpec,
           batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per chunk: the sum of the site's value over each row's selected positions ``[b, d]`` (float64) and the
     number of positions selected per row ``[b]``."""
     selector = as_positions(positions)
-    for batch in _chunks(lm, inputs, batch_size):
+    for batch in lm.batches(inputs, batch_size):
         value = lm.run_with_cache(batch, sites=[site])[site]
         mask = selector.mask(batch.input_ids, batch.attention_mask).to(value.device)
         counts = mask.sum(1)
