@@ -72,6 +72,7 @@ from typing import Any, Literal
 import torch
 
 import lsi
+from lsi.bench.metrics import rank_correlation
 from lsi.locate.gradients import attribution_patching
 from lsi.locate.metrics import kl_to
 from lsi.locate.patching import DEFAULT_BATCH_SIZE, activation_patching
@@ -227,24 +228,6 @@ ATTRIBUTION_SWEEPS: dict[str, tuple[str, Literal["all", "each"]]] = {
 }
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 of ``x``, ties given their mean rank."""
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
-    values, inverse = torch.unique(x, return_inverse=True)
-    total = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
-    count = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-    return (total / count)[inverse]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (Pearson correlation of the tie-averaged ranks); nan if either is constant."""
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
-
-
 def top_k(n: int) -> int:
     return max(1, min(max(5, n // 10), n // 2))
 
@@ -255,8 +238,10 @@ def agreement(exact: torch.Tensor, approx: torch.Tensor) -> dict[str, Any]:
     moving = (e != 0) | (a != 0)
     k = top_k(len(e))
     overlap = len(set(e.abs().topk(k).indices.tolist()) & set(a.abs().topk(k).indices.tolist()))
-    return {"cells": len(e), "compared": int(moving.sum()), "spearman": spearman(e[moving], a[moving]),
-            "spearman_abs": spearman(e[moving].abs(), a[moving].abs()), "spearman_all_cells": spearman(e, a),
+    e_moving, a_moving = e[moving].tolist(), a[moving].tolist()
+    return {"cells": len(e), "compared": int(moving.sum()), "spearman": rank_correlation(e_moving, a_moving),
+            "spearman_abs": rank_correlation([abs(x) for x in e_moving], [abs(x) for x in a_moving]),
+            "spearman_all_cells": rank_correlation(e.tolist(), a.tolist()),
             "k": k, "top_k_overlap": overlap, "max_exact": float(e.max()), "max_attribution": float(a.max())}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import lsi
+from lsi.bench.metrics import rank_correlation
 from lsi.locate import circuits, gradients, heads, layers, patching, probing, tuned_lens, vocab
 from lsi.locate.metrics import logit_diff
 
@@ -94,7 +95,7 @@ def section_gradients(lm, clean, corrupt, metric) -> dict[str, Any]:
     show("Gradient detection: attribution patching vs exact patching on every head; integrated gradients")
     exact = patching.activation_patching(lm, [clean], [corrupt], metric, "blocks.*.attn.head_out")
     approx = gradients.attribution_patching(lm, [clean], [corrupt], metric, "blocks.*.attn.head_out")
-    rho = spearman(exact.scores.flatten(), approx.scores.flatten())
+    rho = rank_correlation(exact.scores.flatten().tolist(), approx.scores.flatten().tolist())
     print(f"Spearman(attribution, exact) over {exact.scores.numel()} heads = {rho:.3f}")
     print("top 4 by attribution patching: " + ", ".join(f"{k} {v:+.3f}" for k, v in approx.top(4, by="abs")))
     ig = gradients.integrated_gradients(lm, [clean], metric, "blocks.2.mlp.post", steps=32)
@@ -102,11 +103,6 @@ def section_gradients(lm, clean, corrupt, metric) -> dict[str, Any]:
           f"{gradients.completeness_error(ig, relative=True):.4f}; top neurons "
           + ", ".join(f"{k} {v:+.3f}" for k, v in ig.top(3, by="abs")))
     return {"spearman": rho, "ig_completeness": gradients.completeness_error(ig, relative=True)}
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def section_magnitude(lm, clean, corrupt, metric) -> dict[str, Any]:

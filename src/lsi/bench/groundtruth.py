@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -85,27 +86,35 @@ def _run_method(lm: Any, task: LocateTask, method: LocateMethod, oracle: Scores)
 
 def run_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | None = None) -> dict[str, Any]:
     """Grade locate methods on the organisms' locate tasks; returns the result as JSON-ready data."""
+    chosen = get_locate_methods(methods)
+    result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
+    skip = "no locate task: its ground truth grades steer methods or SAEs"
+    for name, lm, task in _organism_tasks(organisms, "locate_tasks", skip, result["skipped_organisms"]):
+        oracle = _scores(chosen[0].run(lm, task, 0))  # get_locate_methods puts the oracle first
+        result["tasks"].append({
+            "organism": name, "task": task.name, "description": task.description,
+            "universe_size": len(task.universe), "planted": sorted(task.planted),
+            "planted_are_least_important": task.planted_are_least_important,
+            "oracle_scores": oracle, "oracle_margin": oracle_margin(oracle, task),
+            "methods": {m.name: _run_method(lm, task, m, oracle) for m in chosen},
+        })
+    return result
+
+
+def _organism_tasks(organisms: list[str] | None, field: str, skip: str,
+                    skipped: dict[str, str]) -> Iterator[tuple[str, Any, Any]]:
+    """``(organism, model, task)`` for every task the organisms declare in ``field`` (``"locate_tasks"`` or
+    ``"steer_tasks"``); organisms that declare none are recorded in ``skipped`` with the reason ``skip``."""
     from lsi.organisms.registry import ORGANISMS, get_organism, ground_truth, load_organism
 
-    chosen = get_locate_methods(methods)
-    names = list(ORGANISMS) if organisms is None else organisms
-    result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
-    for name in names:
-        organism = get_organism(name)
-        if organism.locate_tasks is None:
-            result["skipped_organisms"][name] = "no locate task: its ground truth grades steer methods or SAEs"
+    for name in list(ORGANISMS) if organisms is None else organisms:
+        make_tasks = getattr(get_organism(name), field)
+        if make_tasks is None:
+            skipped[name] = skip
             continue
         lm = load_organism(name)
-        for task in organism.locate_tasks(lm, ground_truth(name)):
-            oracle = _scores(chosen[0].run(lm, task, 0))  # get_locate_methods puts the oracle first
-            result["tasks"].append({
-                "organism": name, "task": task.name, "description": task.description,
-                "universe_size": len(task.universe), "planted": sorted(task.planted),
-                "planted_are_least_important": task.planted_are_least_important,
-                "oracle_scores": oracle, "oracle_margin": oracle_margin(oracle, task),
-                "methods": {m.name: _run_method(lm, task, m, oracle) for m in chosen},
-            })
-    return result
+        for task in make_tasks(lm, ground_truth(name)):
+            yield name, lm, task
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
@@ -187,22 +196,13 @@ def run_steer_groundtruth(*, methods: list[str] | None = None, organisms: list[s
                           tau: float | None = None) -> dict[str, Any]:
     """Grade steer methods on the organisms' steer tasks (``tau``: the KL budget, default each task's own, 0.1
     nats); returns the result as JSON-ready data."""
-    from lsi.organisms.registry import ORGANISMS, get_organism, ground_truth, load_organism
-
     if tau is not None and not tau > 0:
         raise InputError("a KL budget tau > 0 (nats)", repr(tau), "use e.g. --tau 0.1")
     chosen = get_steer_methods(methods)
-    names = list(ORGANISMS) if organisms is None else organisms
     result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
-    for name in names:
-        organism = get_organism(name)
-        if organism.steer_tasks is None:
-            result["skipped_organisms"][name] = "no steer task"
-            continue
-        lm = load_organism(name)
-        for task in organism.steer_tasks(lm, ground_truth(name)):
-            task = task if tau is None else dataclasses.replace(task, tau=tau)
-            result["tasks"].append(grade_steer_task(lm, task, chosen))
+    for _, lm, task in _organism_tasks(organisms, "steer_tasks", "no steer task", result["skipped_organisms"]):
+        task = task if tau is None else dataclasses.replace(task, tau=tau)
+        result["tasks"].append(grade_steer_task(lm, task, chosen))
     return result
 
 

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -52,13 +53,19 @@ def average_precision(scores: Mapping[str, float], truth: set[str]) -> float:
     return total / len(truth)
 
 
-def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
-    """Spearman rank correlation of two score maps over the same components (average ranks for ties)."""
-    keys = list(a)
-    ra, rb = _ranks([a[k] for k in keys]), _ranks([b[k] for k in keys])
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equally long sequences (average ranks for ties); nan if one is constant."""
+    ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
-        return 0.0
+        return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def spearman(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Spearman rank correlation of two score maps over the same components; 0 if either is constant."""
+    keys = list(a)
+    rho = rank_correlation([a[k] for k in keys], [b[k] for k in keys])
+    return 0.0 if math.isnan(rho) else rho
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:

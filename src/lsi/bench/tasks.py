@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lsi.core.runs import ContextFactory, Run
+from lsi.core.sites import Site
+from lsi.errors import SiteError
 from lsi.locate.metrics import Metric
 
 if TYPE_CHECKING:
@@ -81,3 +83,17 @@ def needs_contrast(task: LocateTask) -> str | None:
     if task.test.clean is None or task.test.corrupted is None:
         return "the task has no clean and corrupted runs"
     return None
+
+
+def universe_sites(task: LocateTask) -> list[Site] | None:
+    """The task's universe as concrete sites, or ``None`` when it names something else (e.g. whole layers)."""
+    try:
+        sites = [Site.parse(u) for u in task.universe]
+    except SiteError:
+        return None
+    return None if any(s.is_pattern for s in sites) else sites
+
+
+def needs_sites(task: LocateTask) -> str | None:
+    """Why a method that scores sites does not apply to ``task`` (``None`` if it does)."""
+    return None if universe_sites(task) is not None else "the universe is not concrete sites (e.g. whole layers)"

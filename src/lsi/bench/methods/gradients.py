@@ -19,9 +19,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast, task_metric
+from lsi.bench.tasks import LocateTask, Run, needs_contrast, needs_sites, task_metric
 from lsi.core.sites import Site
-from lsi.errors import SiteError
 from lsi.locate.gradients import attribution_patching, gradient_x_input, integrated_gradients
 
 if TYPE_CHECKING:
@@ -37,22 +36,12 @@ def _layers(task: LocateTask) -> list[int] | None:
     return [int(m.group(1)) for m in found if m] if all(found) else None
 
 
-def _site_universe(task: LocateTask) -> str | None:
-    try:
-        sites = [Site.parse(u) for u in task.universe]
-    except SiteError:
-        return "the universe is not made of sites"
-    if any(s.is_pattern for s in sites):
-        return "the universe names layer patterns, not concrete sites"
-    return None
-
-
 def _sites_or_layers(task: LocateTask) -> str | None:
-    return None if _layers(task) is not None else _site_universe(task)
+    return None if _layers(task) is not None else needs_sites(task)
 
 
 def _needs_runs(task: LocateTask) -> str | None:
-    return needs_contrast(task) or _site_universe(task)
+    return needs_contrast(task) or needs_sites(task)
 
 
 def _objects(task: LocateTask) -> tuple[list[str], dict[str, str]]:

@@ -16,34 +16,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast, task_metric
-from lsi.core.sites import Site
-from lsi.errors import SiteError
+from lsi.bench.tasks import LocateTask, Run, needs_contrast, needs_sites, task_metric, universe_sites
 from lsi.locate.patching import AblationKind, Direction, ablation, activation_patching
 
 if TYPE_CHECKING:
-
     from lsi.core.model import LanguageModel
 
 
-def _site_universe(task: LocateTask) -> str | None:
-    try:
-        for u in task.universe:
-            Site.parse(u)
-    except SiteError:
-        return "universe is not sites (e.g. whole layers)"
-    return None
-
-
 def _has_runs(task: LocateTask) -> str | None:
-    return needs_contrast(task) or _site_universe(task)
+    return needs_contrast(task) or needs_sites(task)
 
 
 def _units(task: LocateTask) -> str | None:
-    reason = _site_universe(task)
-    if reason is None and any(Site.parse(u).index is None for u in task.universe):
-        return "universe is not heads or neurons"
-    return reason
+    sites = universe_sites(task)
+    if sites is None:
+        return needs_sites(task)
+    return "universe is not heads or neurons" if any(s.index is None for s in sites) else None
 
 
 def _patching(direction: Direction) -> Any:

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run
+from lsi.bench.tasks import LocateTask, Run, universe_sites
 from lsi.core.sites import Site
-from lsi.errors import SiteError
 from lsi.locate.vocab import direct_logit_attribution
 
 if TYPE_CHECKING:
@@ -27,11 +26,8 @@ _WRITERS = ("embed", "attn.head_out", "attn.out", "mlp.out")
 
 
 def _applies(task: LocateTask) -> str | None:
-    try:
-        kinds = {Site.parse(u).kind for u in task.universe}
-    except SiteError:
-        kinds = {"not a site"}
-    if not kinds <= set(_WRITERS):
+    sites = universe_sites(task)
+    if sites is None or not {s.kind for s in sites} <= set(_WRITERS):
         return "the universe is not made of residual-stream writers (embed, heads, attn.out, mlp.out)"
     return None
 
