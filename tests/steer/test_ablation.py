@@ -15,14 +15,8 @@ import lsi
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import (
-    AddVector,
-    Composed,
-    DirectionalAblation,
-    Steering,
-    apply_all,
-    orthogonalize,
-)
+from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
+from lsi.steer.base import Composed, Steering, apply_all
 from lsi.steer.directions import diff_in_means
 
 FOLDABLE = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3")

@@ -23,7 +23,7 @@ from lsi.bench.registry import select_methods
 if TYPE_CHECKING:
     from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
-    from lsi.steer.ablation import Steering
+    from lsi.steer.base import Steering
 
 
 @dataclass(frozen=True)

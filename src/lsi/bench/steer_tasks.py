@@ -32,7 +32,7 @@ from lsi.errors import InputError
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-    from lsi.steer.ablation import Steering
+    from lsi.steer.base import Steering
 
 Goal = Literal["induce", "remove"]
 DEFAULT_TAU = 0.1  # nats: the KL budget of "best target success at KL <= tau"

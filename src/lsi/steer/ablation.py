@@ -1,10 +1,7 @@
 """Steering objects (directional ablation, vector addition) and weight orthogonalization.
 
-A :class:`Steering` is reversible and serializable: ``steer.interventions(lm)`` gives core interventions,
-``with steer.apply(lm): ...`` applies them to every forward pass and to ``lm.generate``, ``steer.save(path)`` writes
-a JSON + safetensors bundle (never a pickle) and ``Steering.load(path, lm)`` reads it back for a model of the same
-family, depth and width. ``a + b`` (or ``apply_all(lm, a, b)``) composes steerings; at a shared site their
-interventions run in that order.
+Both are :class:`~lsi.steer.base.Steering` objects: applied in a ``with`` block, composed with ``+``, saved and
+loaded with model checks (see :mod:`lsi.steer.base`).
 
 * :class:`DirectionalAblation` (Arditi et al. 2024): ``x <- x - r̂ r̂ᵀ x`` at every layer's input (``resid_pre``)
   and every ``attn.out`` and ``mlp.out``, at all positions.
@@ -31,156 +28,35 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
-import functools
-import operator
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
 
 from lsi.arch.dims import get_module, linear_weight
-from lsi.core.bundle import load_bundle, save_bundle
 from lsi.core.interventions import Add, Apply, Intervention, Scope
-from lsi.core.positions import All, Index, Last, Match, Positions, PositionSpec, Span, as_positions
+from lsi.core.positions import All, Positions, PositionSpec, as_positions
 from lsi.core.sites import Site
-from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
+from lsi.errors import InputError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
+from lsi.steer.base import (
+    ModelSignature,
+    Steering,
+    as_signature,
+    check_width,
+    finite_vector,
+    positions_from_json,
+    positions_json,
+)
 
 if TYPE_CHECKING:
-    from lsi.core.hooks import HookSession
     from lsi.core.model import LanguageModel
 
-FORMAT = 1
 DEFAULT_ABLATION_SITES = ("blocks.*.resid_pre", "blocks.*.attn.out", "blocks.*.mlp.out")
-S = TypeVar("S", bound="Steering")
-
-
-# -- model signature ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSignature:
-    """What a steering must match in a model: family, number of layers and residual width."""
-
-    family: str
-    n_layers: int
-    d_model: int
-
-    @classmethod
-    def of(cls, lm: LanguageModel) -> ModelSignature:
-        return cls(lm.family, lm.dims.n_layers, lm.dims.d_model)
-
-    def check(self, lm: LanguageModel, what: str) -> None:
-        found = ModelSignature.of(lm)
-        if found != self:
-            raise ModelMismatchError(f"{what} a {self}", f"a {found}",
-                                     "derive the steering again on this model (directions do not transfer across "
-                                     "models), or load the model it was made for")
-
-    def __str__(self) -> str:
-        return f"{self.family} model with n_layers={self.n_layers}, d_model={self.d_model}"
-
-
-def _signature(model: LanguageModel | ModelSignature | None) -> ModelSignature | None:
-    return model if model is None or isinstance(model, ModelSignature) else ModelSignature.of(model)
-
-
-def _vector(value: Any, what: str) -> torch.Tensor:
-    """A finite 1-D float32 CPU copy of ``value``."""
-    v = torch.as_tensor(value).detach().float().cpu()
-    if v.dim() != 1 or v.numel() == 0:
-        raise ShapeMismatchError(f"{what} of shape [d] (one vector)", f"shape {tuple(v.shape)}",
-                                 "pass a single vector, e.g. diff_in_means(...)")
-    if not bool(torch.isfinite(v).all()):
-        raise NonFiniteSteeringError(f"a finite {what}", f"{int((~torch.isfinite(v)).sum())} NaN/inf entries",
-                                     "recompute it (check the inputs it was computed from)")
-    return v.clone()
-
-
-def _check_width(lm: LanguageModel, sites: Sequence[str | Site], size: int, what: str) -> None:
-    """Every concrete site of ``sites`` must end in a dimension of ``size``."""
-    for s in lm.resolve_sites(list(sites)):
-        shape = lm.site_shape(s)
-        if shape[-1] != size:
-            raise ShapeMismatchError(f"{what} of size {shape[-1]} for {s} (value shape {shape})", f"size {size}",
-                                     f"compute the vector at a site of this model with last dimension {shape[-1]} "
-                                     "(residual sites have d_model)")
 
 
 # -- steering objects -----------------------------------------------------------------------------------------------
-class Steering:
-    """Base class of steering objects (see the module docstring)."""
-
-    model: ModelSignature | None = None
-
-    def leaves(self) -> tuple[Steering, ...]:
-        """The elementary steerings this one applies, in order."""
-        return (self,)
-
-    def _ops(self, lm: LanguageModel) -> list[Intervention]:
-        raise NotImplementedError
-
-    def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def interventions(self, lm: LanguageModel) -> list[Intervention]:
-        """Core interventions for ``lm`` (checked against the model the steering was made for)."""
-        leaves = self.leaves()
-        for leaf in leaves:
-            if leaf.model is not None:
-                leaf.model.check(lm, f"{type(leaf).__name__} made for")
-        ops = [op for leaf in leaves for op in leaf._ops(lm)]
-        added = [repr(leaf) for leaf in leaves if isinstance(leaf, AddVector)]
-        if added:
-            ops.append(Apply("logits", _finite_logits(", ".join(added))))
-        return ops
-
-    def apply(self, lm: LanguageModel) -> AbstractContextManager[HookSession]:
-        """``with steer.apply(lm): ...``: steer every forward pass and ``generate`` call inside the block."""
-        return lm.intervene(self.interventions(lm))
-
-    def __add__(self, other: Steering) -> Steering:
-        if not isinstance(other, Steering):
-            return NotImplemented
-        return Composed((*self.leaves(), *other.leaves()))
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``path.json`` + ``path.safetensors``; returns the JSON path. Needs the model it was made for
-        (``model=lm`` when building it)."""
-        signatures = {leaf.model for leaf in self.leaves()}
-        if None in signatures or len(signatures) != 1:
-            raise InputError("a steering that knows its model (build it with model=lm)",
-                             f"models {sorted(str(s) for s in signatures)}",
-                             "pass model=lm to every steering object before saving")
-        parts, tensors = [], {}
-        for i, leaf in enumerate(self.leaves()):
-            meta, own = leaf._record()
-            parts.append({"type": type(leaf).__name__, **meta})
-            tensors.update({f"{i}.{k}": v for k, v in own.items()})
-        model = dataclasses.asdict(signatures.pop())  # type: ignore[arg-type]
-        return save_bundle(path, tensors, {"format": FORMAT, "kind": "lsi.steering", "model": model, "parts": parts})
-
-    @classmethod
-    def load(cls: type[S], path: str | Path, lm: LanguageModel) -> S:
-        """Read a steering written by :meth:`save`; refuses one made for a model of another family, depth or
-        width (:class:`ModelMismatchError`)."""
-        tensors, meta = load_bundle(path, what="a steering written by Steering.save",
-                                    fix="save one with steer.save(path)", format=FORMAT)
-        if meta.get("kind") != "lsi.steering":
-            raise InputError("a steering bundle (kind 'lsi.steering')", f"kind {meta.get('kind')!r}",
-                             "load it with the loader of its own kind")
-        signature = ModelSignature(**meta["model"])
-        signature.check(lm, "a model matching the steering, saved for")
-        leaves = [_leaf_from(part, {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)},
-                             signature) for i, part in enumerate(meta["parts"])]
-        loaded = leaves[0] if len(leaves) == 1 else Composed(tuple(leaves))
-        if not isinstance(loaded, cls):
-            raise InputError(f"a saved {cls.__name__}", f"a saved {type(loaded).__name__}",
-                             f"load it with {type(loaded).__name__}.load or Steering.load")
-        return loaded
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class DirectionalAblation(Steering):
     """Project the unit direction ``r̂ = direction / |direction|`` out of ``sites`` at every position:
@@ -202,13 +78,13 @@ class DirectionalAblation(Steering):
 
     def __init__(self, direction: torch.Tensor, sites: str | Sequence[str | Site] = DEFAULT_ABLATION_SITES, *,
                  model: LanguageModel | ModelSignature | None = None) -> None:
-        r = _vector(direction, "direction")
+        r = finite_vector(direction, "direction")
         if float(r.norm()) == 0.0:
             raise InputError("a non-zero direction", "the zero vector", "check that the two sets differ")
         names = [sites] if isinstance(sites, (str, Site)) else list(sites)
         object.__setattr__(self, "direction", r)
         object.__setattr__(self, "sites", tuple(str(Site.parse(s)) for s in names))
-        object.__setattr__(self, "model", _signature(model))
+        object.__setattr__(self, "model", as_signature(model))
 
     @property
     def unit(self) -> torch.Tensor:
@@ -217,7 +93,7 @@ class DirectionalAblation(Steering):
         return r / r.norm()
 
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
-        _check_width(lm, self.sites, self.direction.numel(), "a direction")
+        check_width(lm, self.sites, self.direction.numel(), "a direction")
         r = self.unit
 
         def project(x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +104,11 @@ class DirectionalAblation(Steering):
 
     def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"sites": list(self.sites)}, {"direction": self.direction}
+
+    @classmethod
+    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 model: ModelSignature) -> DirectionalAblation:
+        return cls(tensors["direction"], meta["sites"], model=model)
 
     def __repr__(self) -> str:
         return f"DirectionalAblation(d={self.direction.numel()}, sites={list(self.sites)})"
@@ -251,11 +132,12 @@ class AddVector(Steering):
     positions: Positions = dataclasses.field(default_factory=All)
     scope: Scope = "all"
     model: ModelSignature | None = None
+    checks_logits = True
 
     def __init__(self, site: str | Site, vector: torch.Tensor, alpha: float = 1.0, *,
                  positions: PositionSpec = "all", scope: Scope = "all",
                  model: LanguageModel | ModelSignature | None = None) -> None:
-        v = _vector(vector, "vector")
+        v = finite_vector(vector, "vector")
         if scope not in get_args(Scope):
             raise InputError(f"scope in {get_args(Scope)}", repr(scope), "e.g. scope='generated'")
         object.__setattr__(self, "site", str(Site.parse(site)))
@@ -263,7 +145,7 @@ class AddVector(Steering):
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "positions", as_positions(positions))
         object.__setattr__(self, "scope", scope)
-        object.__setattr__(self, "model", _signature(model))
+        object.__setattr__(self, "model", as_signature(model))
         self._check_strength(torch.float32)
 
     def _check_strength(self, dtype: torch.dtype) -> None:
@@ -275,72 +157,22 @@ class AddVector(Steering):
                                          "lower alpha (or run the model in float32)")
 
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
-        _check_width(lm, [self.site], self.vector.numel(), "a vector")
+        check_width(lm, [self.site], self.vector.numel(), "a vector")
         self._check_strength(lm.weights.W_E.dtype)
         return [Add(self.site, self.vector, self.alpha, positions=self.positions, scope=self.scope)]
 
     def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return ({"site": self.site, "alpha": self.alpha, "positions": _positions_json(self.positions),
+        return ({"site": self.site, "alpha": self.alpha, "positions": positions_json(self.positions),
                  "scope": self.scope}, {"vector": self.vector})
+
+    @classmethod
+    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelSignature) -> AddVector:
+        return cls(meta["site"], tensors["vector"], meta["alpha"], positions=positions_from_json(meta["positions"]),
+                   scope=meta["scope"], model=model)
 
     def __repr__(self) -> str:
         return (f"AddVector({self.site}, alpha={self.alpha:g}, |vector|={float(self.vector.norm()):.3g}, "
                 f"positions={self.positions}, scope={self.scope})")
-
-
-@dataclass(frozen=True, eq=False)
-class Composed(Steering):
-    """Several steerings applied together, in order (build it with ``a + b``)."""
-
-    parts: tuple[Steering, ...]
-
-    def leaves(self) -> tuple[Steering, ...]:
-        return self.parts
-
-
-def apply_all(lm: LanguageModel, *steerings: Steering) -> AbstractContextManager[HookSession]:
-    """``with apply_all(lm, a, b): ...`` is ``with (a + b).apply(lm): ...``."""
-    if not steerings:
-        raise InputError("at least one steering", "none", "pass the steering objects to apply")
-    return functools.reduce(operator.add, steerings).apply(lm)
-
-
-def _finite_logits(label: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    def check(logits: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(logits)
-        if not bool(finite.all()):
-            raise NonFiniteSteeringError(f"finite logits under {label}",
-                                         f"{int((~finite).sum())} NaN/inf of {logits.numel()} logits",
-                                         "lower alpha (strengths that overflow the residual stream break its "
-                                         "norms), or run the model in float32")
-        return logits
-
-    return check
-
-
-# -- serialization helpers ------------------------------------------------------------------------------------------
-_POSITION_TYPES: dict[str, type[Positions]] = {c.__name__: c for c in (All, Last, Index, Span, Match)}
-
-
-def _positions_json(positions: Positions) -> dict[str, Any]:
-    name = type(positions).__name__
-    if _POSITION_TYPES.get(name) is not type(positions):
-        raise InputError(f"positions of a built-in selector {sorted(_POSITION_TYPES)} to save",
-                         name, "use one of those selectors, or keep this steering in memory")
-    return {"type": name, **dataclasses.asdict(positions)}  # type: ignore[call-overload]
-
-
-def _leaf_from(part: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelSignature) -> Steering:
-    kind = part.get("type")
-    if kind == "DirectionalAblation":
-        return DirectionalAblation(tensors["direction"], part["sites"], model=model)
-    if kind == "AddVector":
-        fields = dict(part["positions"])
-        positions = _POSITION_TYPES[fields.pop("type")](**fields)
-        return AddVector(part["site"], tensors["vector"], part["alpha"], positions=positions, scope=part["scope"],
-                         model=model)
-    raise InputError("a steering part of type DirectionalAblation or AddVector", repr(kind),
-                     "save it again with this version of lsi")
 
 
 # -- weights that write to the residual stream ----------------------------------------------------------------------
@@ -433,7 +265,7 @@ def orthogonalize(lm: LanguageModel, direction: torch.Tensor, *, copy: bool = Tr
         >>> float((edited.weights.W_E @ r).abs().max()) < 1e-5
         True
     """
-    r = _vector(direction, "direction").double()
+    r = finite_vector(direction, "direction").double()
     if r.numel() != lm.dims.d_model:
         raise ShapeMismatchError(f"a direction of size d_model={lm.dims.d_model}", f"size {r.numel()}",
                                  "compute it at a residual site of this model")

@@ -2,6 +2,8 @@
 
 What folds (exactly, up to float rounding):
 
+* :class:`~lsi.steer.base.WeightEdit` (rank-one edits, task vectors, merges, masked fine-tuning) -> its deltas
+  added to the weights (first: ``apply`` also adds weight deltas before any hook runs);
 * :class:`DirectionalAblation` with the default sites -> :func:`orthogonalize`;
 * :class:`AddVector` at all positions with ``scope="all"`` on a residual-stream site -> a bias on the module that
   writes just before it: ``blocks.{l}.resid_pre`` (l > 0) and ``resid_post`` / ``mlp.out`` -> the MLP down
@@ -49,13 +51,13 @@ from lsi.steer.ablation import (
     DEFAULT_ABLATION_SITES,
     AddVector,
     DirectionalAblation,
-    Steering,
     Writer,
     copy_model,
     orthogonalize,
     residual_writers,
     untie_embeddings,
 )
+from lsi.steer.base import Steering, WeightEdit
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -86,8 +88,9 @@ def _check_foldable(lm: LanguageModel, steering: Steering) -> None:
                     "additions before ablations, or additions orthogonal to the ablated directions",
                     f"{leaf!r} after an ablation, with a component along its direction",
                     "compose the addition first (add + ablation), or remove its component along the direction")
-        else:
-            raise NotFoldableError("a DirectionalAblation or an AddVector", type(leaf).__name__, _HOOKS_FIX)
+        elif not isinstance(leaf, WeightEdit):
+            raise NotFoldableError("a DirectionalAblation, an AddVector or a WeightEdit", type(leaf).__name__,
+                                   _HOOKS_FIX)
 
 
 def _writer_name(site: Site) -> str:
@@ -162,7 +165,12 @@ def fold(lm: LanguageModel, steering: Steering) -> LanguageModel:
         True
     """
     _check_foldable(lm, steering)
+    deltas = steering.weight_deltas(lm)
     target = copy_model(lm)
+    params = dict(target.model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
     leaves = steering.leaves()
     for leaf in leaves:
         if isinstance(leaf, AddVector):

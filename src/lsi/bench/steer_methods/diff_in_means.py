@@ -25,7 +25,8 @@ import torch
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
 from lsi.errors import InputError
-from lsi.steer.ablation import AddVector, DirectionalAblation, Steering
+from lsi.steer.ablation import AddVector, DirectionalAblation
+from lsi.steer.base import Steering
 from lsi.steer.directions import diff_in_means
 
 if TYPE_CHECKING:
