@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lsi.errors import ModelMismatchError, NonFiniteSteeringError, ShapeMismatchError
+from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, ShapeMismatchError
 from lsi.steer.ablation import AddVector
 from lsi.steer.base import Steering, WeightEdit, added_to_weights, weights_fingerprint
 from lsi.steer.export import export_hf, fold
@@ -116,3 +116,27 @@ def test_edit_folds_and_exports_to_a_plain_checkpoint(fresh_lm, tmp_path, family
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=IDS).logits, hooked, rtol=0, atol=1e-4)
+
+
+class _Trap:
+    """Unpickling this runs code: a loader that unpickles would set TRIGGERED."""
+
+    def __reduce__(self):
+        return (_trigger, ())
+
+
+TRIGGERED: list[bool] = []
+
+
+def _trigger() -> None:
+    TRIGGERED.append(True)
+
+
+@pytest.mark.unit
+def test_a_pickled_steering_is_never_loaded(tiny_lm, tmp_path):
+    lm = tiny_lm("llama")
+    torch.save({"vector": _Trap()}, tmp_path / "steering.pt")
+    (tmp_path / "steering.json").write_text("{}")
+    with pytest.raises(InputError, match="safetensors"):
+        Steering.load(tmp_path / "steering.pt", lm)
+    assert not TRIGGERED
