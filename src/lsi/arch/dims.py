@@ -24,6 +24,12 @@ def linear_weight(module: nn.Module, conv1d: bool) -> torch.Tensor:
     return w.T if conv1d else w
 
 
+def out_in(tensor: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """A 2-d tensor shaped like ``owner``'s weight (the weight, its gradient, a mask) in ``[out, in]`` layout: a
+    transposed view for GPT-2's Conv1D, which stores ``[in, out]``; anything else as is."""
+    return tensor.T if type(owner).__name__ == "Conv1D" and tensor.dim() == 2 else tensor
+
+
 @dataclass(frozen=True)
 class ModelDims:
     n_layers: int

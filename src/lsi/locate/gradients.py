@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lsi.arch.dims import out_in
 from lsi.core.inputs import Batch, Inputs
 from lsi.core.interventions import Set
 from lsi.core.runs import ContextFactory, Run, as_run, check_aligned
@@ -367,17 +368,11 @@ def parameter_gradients(lm: LanguageModel, inputs: Inputs | Batch, metric: Metri
             labels.append(name)
             norms.append(g.norm().reshape(1))
             continue
-        rows = _out_in(lm, name, g)
+        rows = out_in(g, lm.model.get_submodule(name.rpartition(".")[0]))
         labels.extend(f"{name}[{i}]" for i in range(rows.shape[0]))
         norms.append(rows.reshape(rows.shape[0], -1).norm(dim=1))
     return LocateResult.over(labels, torch.cat(norms), method="parameter_gradients", metric=metric_name(metric),
                              axis="parameter", per=per, metric_value=float(value.detach()))
-
-
-def _out_in(lm: LanguageModel, name: str, grad: torch.Tensor) -> torch.Tensor:
-    """A weight gradient in ``[out, in]`` layout (Conv1D stores ``[in, out]``)."""
-    owner = lm.model.get_submodule(name.rpartition(".")[0])
-    return grad.T if type(owner).__name__ == "Conv1D" and grad.dim() == 2 else grad
 
 
 def _describe(baseline: Baseline) -> str:
