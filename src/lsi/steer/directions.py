@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 
-def _one_site(lm: LanguageModel, site: str | Site) -> Site:
+def one_site(lm: LanguageModel, site: str | Site) -> Site:
     """The single concrete site ``site`` names, checked to hold one vector per position."""
     sites = lm.resolve_sites(site)
     if len(sites) != 1:
@@ -80,7 +80,7 @@ def diff_in_means(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs 
         >>> torch.allclose(v, e[10] - e[11])
         True
     """
-    s = _one_site(lm, site)
+    s = one_site(lm, site)
 
     def mean(inputs: Inputs | Batch) -> torch.Tensor:
         total, count = torch.zeros((), dtype=torch.float64), 0
@@ -104,7 +104,7 @@ def site_features(lm: LanguageModel, inputs: Inputs | Batch, site: str | Site, *
         >>> tuple(site_features(lm, [[3, 4], [5, 6, 7]], "blocks.1.resid_post").shape)
         (2, 32)
     """
-    s = _one_site(lm, site)
+    s = one_site(lm, site)
     rows = [sums / counts[:, None] for sums, counts in _sums(lm, inputs, s, positions, batch_size)]
     return torch.cat(rows).float()
 

@@ -12,6 +12,9 @@ What folds (exactly, up to float rounding):
   is untied first). Where the projection has no bias, one is added only through the model config's own switch
   (``mlp_bias`` / ``attention_bias``, e.g. Llama), every other new bias zero, so plain ``transformers`` builds the
   same modules; families without such a switch (Mistral, Qwen2, Phi-3, ...) are refused.
+* :class:`~lsi.steer.heads.HeadShift` at all positions with ``scope="all"`` -> a bias on each shifted layer's
+  attention output projection: ``W_O s`` for the layer's concatenated head shifts ``s`` (the same bias rule;
+  exact also under a post-attention norm, which acts after the projection).
 
 Composition folds additions first, then ablations; an addition that follows an ablation in the composition and
 has a component along its direction is refused (the hooks let that component into the addition's own layer).
@@ -58,6 +61,7 @@ from lsi.steer.ablation import (
     untie_embeddings,
 )
 from lsi.steer.base import Steering, WeightEdit
+from lsi.steer.heads import HeadShift
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -75,11 +79,13 @@ def _check_foldable(lm: LanguageModel, steering: Steering) -> None:
                 raise NotFoldableError(f"an ablation at the default sites {list(DEFAULT_ABLATION_SITES)}",
                                        f"sites {list(leaf.sites)}", _HOOKS_FIX)
             ablated.append(leaf.unit)
-        elif isinstance(leaf, AddVector):
+        elif isinstance(leaf, (AddVector, HeadShift)):
             if not isinstance(leaf.positions, All) or leaf.scope != "all":
                 raise NotFoldableError("an addition at every position of prompt and generated tokens",
                                        f"positions={leaf.positions}, scope={leaf.scope} (position-dependent)",
                                        _HOOKS_FIX)
+            if isinstance(leaf, HeadShift):  # acts inside attention, before any ablation of its output
+                continue
             for s in lm.resolve_sites(leaf.site):
                 _writer_name(s)
             v = leaf.vector.double()
@@ -89,8 +95,8 @@ def _check_foldable(lm: LanguageModel, steering: Steering) -> None:
                     f"{leaf!r} after an ablation, with a component along its direction",
                     "compose the addition first (add + ablation), or remove its component along the direction")
         elif not isinstance(leaf, WeightEdit):
-            raise NotFoldableError("a DirectionalAblation, an AddVector or a WeightEdit", type(leaf).__name__,
-                                   _HOOKS_FIX)
+            raise NotFoldableError("a DirectionalAblation, an AddVector, a HeadShift or a WeightEdit",
+                                   type(leaf).__name__, _HOOKS_FIX)
 
 
 def _writer_name(site: Site) -> str:
@@ -149,6 +155,16 @@ def _fold_addition(lm: LanguageModel, add: AddVector) -> None:
             target.copy_((target.double() + shift.to(target.device)).to(target.dtype))
 
 
+def _fold_head_shift(lm: LanguageModel, shift: HeadShift) -> None:
+    for layer, z_shift in shift.layer_shifts(lm).items():
+        path = lm.spec.layer_path(layer, lm.spec.o_proj)
+        writer = Writer(f"blocks.{layer}.attn.out", path, get_module(lm.model, path), lm.spec.conv1d)
+        bias = _bias(lm, writer)
+        delta = writer.weight.detach().double() @ (shift.alpha * z_shift.double().flatten()).to(bias.device)
+        with torch.no_grad():
+            bias.copy_((bias.double() + delta).to(bias.dtype))
+
+
 def fold(lm: LanguageModel, steering: Steering) -> LanguageModel:
     """A new model (deep copy) with ``steering`` folded into its weights; ``lm`` is left as it is.
 
@@ -175,6 +191,8 @@ def fold(lm: LanguageModel, steering: Steering) -> LanguageModel:
     for leaf in leaves:
         if isinstance(leaf, AddVector):
             _fold_addition(target, leaf)
+        elif isinstance(leaf, HeadShift):
+            _fold_head_shift(target, leaf)
     for leaf in leaves:
         if isinstance(leaf, DirectionalAblation):
             orthogonalize(target, leaf.direction, copy=False)
