@@ -1,12 +1,11 @@
-"""The steer side of the ground-truth benchmark: KL and Δloss against a hand computation, best success within a KL
-budget, the runner on fake methods (no-op, not applicable, registry), the random baseline's equal norm, the
-refusal gate's thresholds, diff-in-means beating random on the binary attribute, and ``lsi bench groundtruth
---kind``."""
+"""The steer side of the ground-truth benchmark: best success within a KL budget on the benchmark's points, the
+runner on fake methods (no-op, not applicable, registry), the random baseline's equal norm, the PCA and probe
+vectors' directions and norms, the refusal gate's thresholds (diff-in-means and the refusal-direction protocol), every
+vector method beating random on the binary attribute, and ``lsi bench groundtruth --kind``."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,23 +13,16 @@ from click.testing import CliRunner
 
 from lsi.bench import steer_registry
 from lsi.bench.groundtruth import grade_steer_task, render_steer_table, run_steer_groundtruth
+from lsi.bench.steer_methods.diff_in_means import ALPHAS
 from lsi.bench.steer_registry import Candidate, SteerMethod, get_steer_methods
-from lsi.bench.steer_tasks import (
-    Point,
-    SteerScores,
-    SteerSplit,
-    SteerTask,
-    best_at_kl,
-    divergence,
-    measure,
-    reference,
-)
+from lsi.bench.steer_tasks import Point, SteerScores, SteerSplit, SteerTask, best_at_kl, measure
 from lsi.cli.main import cli
-from lsi.core.inputs import Batch
 from lsi.errors import InputError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
 from lsi.steer.ablation import AddVector, DirectionalAblation
+from lsi.steer.directions import diff_in_means, pca_of_differences, probe_direction, site_features
+from lsi.steer.selection import reference
 
 
 # -- best success at KL <= tau ---------------------------------------------------------------------------------------
@@ -47,57 +39,6 @@ def test_best_at_kl_picks_the_most_successful_point_within_the_budget():
     assert best_at_kl(curve, 0.25).settings["name"] == "beyond"
     assert best_at_kl(curve, 0.005) is None
     assert best_at_kl([], 0.1) is None
-
-
-# -- KL and Δloss ----------------------------------------------------------------------------------------------------
-class _FixedLM:
-    """Stands in for a model: a fixed batch and fixed logits."""
-
-    def __init__(self, batch: Batch, logits: torch.Tensor) -> None:
-        self.batch, self.logits = batch, logits
-
-    def to_batch(self, inputs):
-        return self.batch
-
-    def forward(self, inputs):
-        return self.logits
-
-
-def _by_hand(p_logits, q_logits, ids, scored):
-    """KL(p || q) and Δ cross-entropy over the (row, t) pairs in ``scored`` (t predicts ids[row][t + 1])."""
-    kl, dce = 0.0, 0.0
-    for row, t in scored:
-        zp = [float(x) for x in p_logits[row, t]]
-        zq = [float(x) for x in q_logits[row, t]]
-        lp = [z - math.log(sum(math.exp(y) for y in zp)) for z in zp]
-        lq = [z - math.log(sum(math.exp(y) for y in zq)) for z in zq]
-        kl += sum(math.exp(a) * (a - b) for a, b in zip(lp, lq, strict=True))
-        target = ids[row][t + 1]
-        dce += lp[target] - lq[target]
-    return kl / len(scored), dce / len(scored)
-
-
-@pytest.mark.unit
-def test_kl_and_delta_loss_match_a_hand_computation_on_either_padding_side():
-    gen = torch.Generator().manual_seed(0)
-    rows = [[1, 4, 2, 3], [2, 0, 1]]  # lengths 4 and 3
-    p = torch.randn(2, 4, 5, generator=gen) * 2
-    q = p + torch.randn(2, 4, 5, generator=gen)
-    right = Batch(torch.tensor([[1, 4, 2, 3], [2, 0, 1, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
-    # every next token: (row 0: t = 0, 1, 2), (row 1: t = 0, 1); scored_from=[2, 1] keeps targets at index >= 2 / 1
-    for scored_from, pairs in ((None, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]), ([2, 1], [(0, 1), (0, 2), (1, 0),
-                                                                                           (1, 1)])):
-        kl, dloss = divergence(q, reference(_FixedLM(right, p), rows, scored_from))
-        want = _by_hand(p, q, rows, pairs)
-        assert kl == pytest.approx(want[0], abs=1e-12) and dloss == pytest.approx(want[1], abs=1e-12)
-        # the same sequences left-padded (row 1 shifted right by one): the same numbers
-        left = Batch(torch.tensor([[1, 4, 2, 3], [0, 2, 0, 1]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]))
-        shift = lambda x: torch.stack([x[0], torch.cat([x[1, -1:], x[1, :-1]])])  # noqa: E731
-        kl_left, dloss_left = divergence(shift(q), reference(_FixedLM(left, shift(p)), rows, scored_from))
-        assert kl_left == pytest.approx(kl, abs=1e-12) and dloss_left == pytest.approx(dloss, abs=1e-12)
-    assert divergence(p, reference(_FixedLM(right, p), rows)) == (0.0, 0.0)
-    with pytest.raises(InputError, match="one first scored token index"):
-        reference(_FixedLM(right, p), rows, [1])
 
 
 # -- the runner on fake methods --------------------------------------------------------------------------------------
@@ -169,8 +110,8 @@ def test_registered_methods_appear_after_the_baseline_and_unknown_names_list_the
     steer_registry.STEER_METHODS["test-only"] = _method("test-only", lambda lm: [])
     try:
         assert [m.name for m in get_steer_methods(["test-only"])] == ["random", "test-only"]
-        assert {"random", "diff_in_means_addition", "directional_ablation", "test-only"} <= {
-            m.name for m in get_steer_methods(None)}
+        assert {"random", "diff_in_means_addition", "directional_ablation", "pca_addition", "probe_addition",
+                "refusal_direction", "test-only"} <= {m.name for m in get_steer_methods(None)}
     finally:
         del steer_registry.STEER_METHODS["test-only"]
     with pytest.raises(InputError, match="directional_ablation"):
@@ -202,11 +143,42 @@ def test_random_baseline_has_the_norm_site_and_strengths_of_diff_in_means(tiny_l
         methods["diff_in_means_addition"].run(lm, same, 0)
 
 
+@pytest.mark.unit
+def test_pca_and_probe_vectors_point_like_their_directions_with_the_diff_in_means_norm(tiny_lm):
+    lm = tiny_lm("llama")
+    task = _fake_task(lm)  # 8 positive and 8 negative dev inputs: pairs by index
+    methods = {m.name: m for m in get_steer_methods(None)}
+    for name, unit in (("pca_addition", lambda site, pos: pca_of_differences(lm, task.dev.positive, task.dev.negative,
+                                                                                site, positions=pos)[0]),
+                       ("probe_addition", lambda site, pos: probe_direction(
+                           torch.cat([site_features(lm, task.dev.positive, site, positions=pos),
+                                      site_features(lm, task.dev.negative, site, positions=pos)]), [1] * 8 + [0] * 8))):
+        assert methods[name].applies(task) is None
+        candidates = methods[name].run(lm, task, 0)
+        assert [c.steering.alpha for c in candidates] == list(ALPHAS)  # induce: +alpha
+        first = candidates[0]
+        site, position, vector = first.steering.site, first.settings["position"], first.steering.vector
+        v = diff_in_means(lm, task.dev.positive, task.dev.negative, site, positions=position)
+        torch.testing.assert_close(vector.norm(), v.norm())
+        cos = torch.nn.functional.cosine_similarity(vector, unit(site, position), dim=0)
+        assert float(cos) == pytest.approx(1.0, abs=1e-5) and float(vector @ v) > 0, name
+    unpaired = SteerTask("toy", "unpaired", "induce", SteerSplit(task.dev.positive[:5], task.dev.negative,
+                                                                 task.dev.measure, task.dev.corpus), task.test)
+    assert "5 positive and 8 negative" in methods["pca_addition"].applies(unpaired)
+    assert methods["probe_addition"].applies(unpaired) is None
+    assert "only the refusal_gate organism" in methods["refusal_direction"].applies(task)
+
+
 # -- the organisms ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def steer_result():
-    return run_steer_groundtruth(methods=["diff_in_means_addition", "directional_ablation"],
-                                 organisms=["refusal_gate", "binary_attribute"])
+    """Diff-in-means, ablation and the refusal-direction protocol on refusal_gate; the vector methods on
+    binary_attribute (one result, as the benchmark would give it with the methods that apply)."""
+    gate = run_steer_groundtruth(methods=["diff_in_means_addition", "directional_ablation", "refusal_direction"],
+                                 organisms=["refusal_gate"])
+    attribute = run_steer_groundtruth(methods=["diff_in_means_addition", "pca_addition", "probe_addition"],
+                                      organisms=["binary_attribute"])
+    return {**gate, "tasks": gate["tasks"] + attribute["tasks"]}
 
 
 def _task(result, name):
@@ -223,6 +195,9 @@ def test_refusal_gate_ablation_bypasses_refusal_and_keeps_the_task(steer_result)
     assert best["specificity"] >= 0.98 * base["specificity"] and best["kl"] <= task["tau"]
     assert task["methods"]["random"]["best"]["success"] <= 0.05
     assert task["oracle"] is None and task["oracle_note"].startswith("n/a")
+    protocol = task["methods"]["refusal_direction"]["best"]  # Arditi et al.'s selection on dev, graded on test
+    assert protocol["success"] >= 0.95 and protocol["specificity"] >= 0.98 * base["specificity"]
+    assert protocol["kl"] <= task["tau"] and set(protocol["settings"]) == {"layer", "position"}
 
 
 @pytest.mark.slow
@@ -238,9 +213,13 @@ def test_refusal_gate_addition_induces_refusal(steer_result):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_binary_attribute_diff_in_means_beats_random_at_equal_kl(steer_result):
+def test_binary_attribute_vector_methods_beat_random_at_equal_kl(steer_result):
     task = _task(steer_result, "marked attribute")
     dim, random = task["methods"]["diff_in_means_addition"], task["methods"]["random"]
+    for name in ("pca_addition", "probe_addition"):  # every vector method's success-vs-KL curve is reported
+        graded = task["methods"][name]
+        assert [p["settings"]["alpha"] for p in graded["curves"][0]] == list(ALPHAS)
+        assert graded["best"]["success"] >= random["best"]["success"] + 0.15 and graded["best"]["kl"] <= task["tau"]
     assert dim["best"]["success"] >= random["best"]["success"] + 0.25
     assert dim["best"]["success"] >= task["unsteered"]["success"] + 0.25 and dim["best"]["fluency"] >= 0.75
     for curve in random["curves"]:  # every random draw was strong enough to spend the same KL, and did worse there

@@ -121,7 +121,7 @@ class LocateResult:
         """Write ``path.json`` (axes, method, metric, settings) and ``path.safetensors`` (scores) atomically."""
         meta = {"format": FORMAT_VERSION, "method": self.method, "metric": self.metric,
                 "axes": [[name, list(labels)] for name, labels in self.axes],
-                "settings": _jsonable(self.settings)}
+                "settings": jsonable(self.settings)}
         return save_bundle(path, {"scores": self.scores}, meta)
 
     @classmethod
@@ -164,11 +164,11 @@ class LocateResult:
         return f"LocateResult({self.method}, {self.metric or 'no metric'}; {dims}; top |score|: {best})"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if value is None or isinstance(value, (bool, int, float, str)):

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
-from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
+from lsi.bench.steer_tasks import SteerTask, split_reference
 from lsi.errors import InputError
 from lsi.steer.ablation import AddVector, DirectionalAblation
 from lsi.steer.base import Steering
 from lsi.steer.directions import diff_in_means
+from lsi.steer.selection import grid, select
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of v: the strength grid of every addition curve
 Choice = tuple[str, "PositionSpec", torch.Tensor]  # (site, read position, v)
+Steerings = Callable[[str, torch.Tensor], Iterable[tuple[dict[str, Any], Steering]]]  # (site, v) -> (settings, s)
 
 
 def directions(lm: LanguageModel, task: SteerTask) -> list[Choice]:
@@ -53,46 +55,39 @@ def directions(lm: LanguageModel, task: SteerTask) -> list[Choice]:
     return out
 
 
-def _dev_points(lm: LanguageModel, task: SteerTask, steerings: Iterable[Steering]) -> list[Point]:
-    """Dev points of ``steerings`` in order (of increasing strength), stopping after the first beyond the KL
-    budget: stronger ones would only go further."""
-    ref = split_reference(lm, task.dev)
-    points = []
-    for steering in steerings:
-        points.append(measure(lm, task.dev, ref, steering))
-        if points[-1].kl > task.tau:
-            break
-    return points
-
-
-def _rank(points: list[Point], tau: float) -> tuple[bool, float, float]:
-    """Best dev success within the KL budget, then lower KL; without any point within it, the lowest KL."""
-    best = best_at_kl(points, tau)
-    if best is None:
-        return False, 0.0, -min(p.kl for p in points)
-    return True, best.scores.success, -best.kl
-
-
-def choose_on_dev(lm: LanguageModel, task: SteerTask,
-                  steerings: Callable[[str, torch.Tensor], Iterable[Steering]]) -> Choice:
-    """The direction whose steerings ``steerings(site, v)`` (one, or a strength grid) reach the highest dev
-    success within the task's KL budget (:func:`_rank`)."""
-    return max(directions(lm, task), key=lambda c: _rank(_dev_points(lm, task, steerings(c[0], c[2])), task.tau))
+def choose_on_dev(lm: LanguageModel, task: SteerTask, steerings: Steerings,
+                  choices: Sequence[Choice] | None = None) -> Choice:
+    """The choice (default: :func:`directions`) whose candidates ``steerings(site, v)`` (one, or a strength grid
+    ``({"alpha": a}, steering)`` walked up only until it leaves the KL budget) reach the highest dev success within
+    the task's KL budget, ties → lower KL; without any candidate within it, the one of lowest KL
+    (:func:`lsi.steer.selection.select` over every choice's candidates)."""
+    options = directions(lm, task) if choices is None else list(choices)
+    candidates = (({"choice": i, **settings}, steering) for i, (site, _, v) in enumerate(options)
+                  for settings, steering in steerings(site, v))
+    sel = select(lm, candidates, success=lambda model: task.dev.measure(model).success,
+                 corpus=split_reference(lm, task.dev), tau=task.tau, stop_along="alpha")
+    return options[(sel.best or sel.lowest_kl).settings["choice"]]
 
 
 def _sign(task: SteerTask) -> float:
     return 1.0 if task.goal == "induce" else -1.0
 
 
+def addition_grid(task: SteerTask) -> Steerings:
+    """``(site, v) ->`` the additions ``AddVector(site, v, ±alpha)`` over :data:`ALPHAS` (``+`` to induce)."""
+    sign = _sign(task)
+    return lambda site, v: grid(lambda alpha: AddVector(site, v, sign * alpha), alpha=ALPHAS)
+
+
 @functools.lru_cache(maxsize=8)  # shared with the random baseline (tasks hash by identity)
 def addition_choice(lm: LanguageModel, task: SteerTask) -> Choice:
     """diff_in_means_addition's (site, read position, v), chosen on dev over the strength grid."""
-    sign = _sign(task)
-    return choose_on_dev(lm, task, lambda site, v: (AddVector(site, v, sign * a) for a in ALPHAS))
+    return choose_on_dev(lm, task, addition_grid(task))
 
 
-def _additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
-               settings: dict[str, object]) -> list[Candidate]:
+def additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
+              settings: dict[str, object]) -> list[Candidate]:
+    """The candidates graded on test: ``AddVector(site, vector, ±alpha)`` for alpha in :data:`ALPHAS`."""
     sign = _sign(task)
     return [Candidate(AddVector(site, vector, sign * a, model=lm), {**settings, "site": site, "alpha": sign * a})
             for a in ALPHAS]
@@ -100,18 +95,18 @@ def _additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tens
 
 def _addition(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     site, position, v = addition_choice(lm, task)
-    return _additions(lm, task, site, v, {"position": position, "norm": round(float(v.norm()), 4)})
+    return additions(lm, task, site, v, {"position": position, "norm": round(float(v.norm()), 4)})
 
 
 def _random(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     site, _, v = addition_choice(lm, task)
     gen = torch.Generator().manual_seed(random.Random(f"{task.organism}/{task.name}/{seed}").getrandbits(63))
     r = torch.randn(v.numel(), generator=gen)
-    return _additions(lm, task, site, r * (v.norm() / r.norm()), {"norm": round(float(v.norm()), 4)})
+    return additions(lm, task, site, r * (v.norm() / r.norm()), {"norm": round(float(v.norm()), 4)})
 
 
 def _ablation(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
-    site, position, v = choose_on_dev(lm, task, lambda site, v: [DirectionalAblation(v)])
+    site, position, v = choose_on_dev(lm, task, lambda site, v: [({}, DirectionalAblation(v))])
     return [Candidate(DirectionalAblation(v, model=lm), {"direction_site": site, "position": position})]
 
 
