@@ -1,4 +1,4 @@
-"""The ground-truth benchmark: every registered locate and steer method on every organism task it applies to.
+"""The ground-truth benchmark: every registered locate, steer and edit method on every organism task it applies to.
 
 Locate: scores are graded against the planted components with precision@|G| (R-precision), AUROC, average
 precision and the Spearman correlation with the oracle's scores. For tasks whose truth is the least important
@@ -9,8 +9,13 @@ generalization, specificity, fluency; KL(base ‖ steered) and Δ cross-entropy 
 success-vs-KL curve; the grade is the best target success at KL ≤ τ with the other metrics at that point, next to
 the unsteered model, the task's oracle (or why it has none) and a random direction of equal norm.
 
-:func:`run_benchmark` runs both sides (``kind="all"``) or one; its JSON keeps the locate result at the top level
-and adds the steer result under ``"steer"``.
+Edit: every knowledge-edit method rewrites each request of the task (one or more rows per method, e.g. one per
+layer) and is graded CounterFact-style by its means over the requests (:mod:`lsi.bench.edit_tasks`): efficacy,
+paraphrase, neighbourhood, ``S`` = their harmonic mean, preservation of the subject's other facts, KL(base ‖ edited)
+and Δ cross-entropy on held-out text, next to the unedited model.
+
+:func:`run_benchmark` runs every side (``kind="all"``) or one; its JSON keeps the locate result at the top level
+and adds the steer result under ``"steer"`` and the edit result under ``"edit"``.
 
 Example:
     >>> result = run_groundtruth(methods=[], organisms=["layer_redundancy"])  # doctest: +SKIP
@@ -19,6 +24,9 @@ Example:
     >>> steer = run_steer_groundtruth(methods=["directional_ablation"], organisms=["refusal_gate"])  # doctest: +SKIP
     >>> steer["tasks"][0]["methods"]["directional_ablation"]["best"]["success"]  # doctest: +SKIP
     1.0
+    >>> edit = run_edit_groundtruth(methods=["rome"], organisms=["fact_world"])  # doctest: +SKIP
+    >>> edit["tasks"][0]["methods"]["rome"]["rows"]["rome"]["efficacy"]  # doctest: +SKIP
+    0.984375
 """
 
 from __future__ import annotations
@@ -27,23 +35,28 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lsi.bench import metrics
+from lsi.bench.edit_methods import EditMethod, get_edit_methods, load_edit_methods
+from lsi.bench.edit_tasks import CaseScores, EditTask, measure_case, summarize
 from lsi.bench.registry import LOCATE_METHODS, LocateMethod, MethodOutput, Scores, get_locate_methods
 from lsi.bench.steer_registry import STEER_BASELINES, SteerMethod, get_steer_methods, load_steer_methods
-from lsi.bench.steer_tasks import Point, SteerTask, best_at_kl, measure, split_reference
+from lsi.bench.steer_tasks import Point, SteerTask, measure, split_reference
 from lsi.bench.tasks import LocateTask
 from lsi.errors import InputError
+from lsi.steer.selection import best_at_kl, reference
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
-SCHEMA_VERSION = 2  # 2: the steer side (under "steer" in run_benchmark's result)
-Kind = Literal["locate", "steer", "all"]
+SCHEMA_VERSION = 3  # 2: the steer side (under "steer" in run_benchmark's result); 3: the edit side (under "edit")
+Kind = Literal["locate", "steer", "edit", "all"]
+SIDES = ("locate", "steer", "edit")
 _GRADES = ("r_precision", "auroc", "average_precision", "spearman_vs_oracle")
 
 
@@ -103,8 +116,9 @@ def run_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | 
 
 def _organism_tasks(organisms: list[str] | None, field: str, skip: str,
                     skipped: dict[str, str]) -> Iterator[tuple[str, Any, Any]]:
-    """``(organism, model, task)`` for every task the organisms declare in ``field`` (``"locate_tasks"`` or
-    ``"steer_tasks"``); organisms that declare none are recorded in ``skipped`` with the reason ``skip``."""
+    """``(organism, model, task)`` for every task the organisms declare in ``field`` (``"locate_tasks"``,
+    ``"steer_tasks"`` or ``"edit_tasks"``); organisms that declare none are recorded in ``skipped`` with the reason
+    ``skip``."""
     from lsi.organisms.registry import ORGANISMS, get_organism, ground_truth, load_organism
 
     for name in list(ORGANISMS) if organisms is None else organisms:
@@ -249,28 +263,123 @@ def render_steer_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# -- both sides -----------------------------------------------------------------------------------------------------
+# -- edit side ------------------------------------------------------------------------------------------------------
+def _settings_summary(values: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per setting over the cases: the value when all agree; else for ``layer`` (the layer each request was edited
+    at) the count of each layer, for other numbers the mean, for anything else the count of each value."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for v in values for k in v):
+        seen = [v[key] for v in values if key in v]
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in seen)
+        if all(x == seen[0] for x in seen):
+            out[key] = seen[0]
+        elif numbers and key != "layer":
+            out[key] = sum(seen) / len(seen)
+        else:
+            out[key] = {str(x): n for x, n in sorted(Counter(seen).items())}
+    return out
+
+
+def _edit_row(scores: list[CaseScores], settings: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {**summarize(scores), "settings": _settings_summary(settings), "seconds": round(seconds, 3),
+            "per_case": [{**dataclasses.asdict(s), **extra} for s, extra in zip(scores, settings, strict=True)]}
+
+
+def _run_edit_method(lm: LanguageModel, task: EditTask, method: EditMethod, ref: Any) -> dict[str, Any]:
+    reason = method.applies(task)
+    if reason is not None:
+        return {"skipped": reason}
+    scores: dict[str, list[CaseScores]] = {}
+    settings: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+    for case in task.cases:
+        start = time.perf_counter()
+        outputs = method.run(lm, task, case)
+        share = (time.perf_counter() - start) / max(1, len(outputs))
+        for out in outputs:
+            scores.setdefault(out.row, []).append(measure_case(lm, case, ref, out.steering))
+            settings.setdefault(out.row, []).append(out.settings)
+            seconds[out.row] = seconds.get(out.row, 0.0) + share / len(task.cases)
+    return {"rows": {row: _edit_row(scores[row], settings[row], seconds[row]) for row in scores}}
+
+
+def grade_edit_task(lm: LanguageModel, task: EditTask, methods: list[EditMethod]) -> dict[str, Any]:
+    """Every method's rows, next to the unedited model: means over the task's requests (and per request)."""
+    ref = reference(lm, task.heldout)
+    start = time.perf_counter()
+    unedited = [measure_case(lm, case, ref, None) for case in task.cases]
+    return {"organism": task.organism, "task": task.name, "description": task.description,
+            "metrics": dict(task.metrics), "planted_layer": task.planted_layer,
+            "requests": [{"subject": c.request.subject, "relation": c.relation, "true_id": c.true_id,
+                          "new_id": c.new_id} for c in task.cases],
+            "unedited": _edit_row(unedited, [{} for _ in unedited], time.perf_counter() - start),
+            "methods": {m.name: _run_edit_method(lm, task, m, ref) for m in methods}}
+
+
+def run_edit_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | None = None) -> dict[str, Any]:
+    """Grade edit methods on the organisms' edit tasks; returns the result as JSON-ready data."""
+    chosen = get_edit_methods(methods)
+    result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
+    for _, lm, task in _organism_tasks(organisms, "edit_tasks", "no edit task", result["skipped_organisms"]):
+        result["tasks"].append(grade_edit_task(lm, task, chosen))
+    return result
+
+
+def _edit_line(name: str, row: dict[str, Any], width: int) -> str:
+    at = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+    return (f"    {name:<{width}} {row['efficacy']:>6.3f} {row['paraphrase']:>6.3f} {row['neighbourhood']:>6.3f} "
+            f"{row['score']:>6.3f} {row['preservation']:>7.3f} {row['kl']:>7.4f} {row['dloss']:>+8.4f} "
+            f"{row['seconds']:>6.2f}  {at}").rstrip()
+
+
+def render_edit_table(result: dict[str, Any]) -> str:
+    """A block per edit task: what each column measures, the unedited model, then one row per method row (means
+    over the requests; skipped methods last, one line per reason)."""
+    names = [row for task in result["tasks"] for m in task["methods"].values() for row in m.get("rows", {})]
+    width = max([16, *(len(n) for n in names)])
+    head = (f"    {'method':<{width}} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'preserv':>7} {'KL':>7} {'dloss':>8} "
+            f"{'s':>6}  settings")
+    lines = [head, "-" * len(head)]
+    for task in result["tasks"]:
+        planted = "" if task["planted_layer"] is None else f", planted layer {task['planted_layer']}"
+        lines.append(f"{task['organism']} / {task['task']}: means over {len(task['requests'])} requests{planted}")
+        lines.extend(f"      {key}: {text}" for key, text in task["metrics"].items())
+        lines.append(_edit_line("unedited", task["unedited"], width))
+        skipped: dict[str, list[str]] = {}
+        for method, graded in task["methods"].items():
+            if "skipped" in graded:
+                skipped.setdefault(graded["skipped"], []).append(method)
+            for row, values in graded.get("rows", {}).items():
+                lines.append(_edit_line(row, values, width))
+        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
+    for name, reason in result["skipped_organisms"].items():
+        lines.append(f"{name}: skipped ({reason})")
+    return "\n".join(lines)
+
+
+# -- every side -----------------------------------------------------------------------------------------------------
 def _sides(methods: list[str] | None, kind: str) -> dict[str, list[str] | None]:
     """The sides to run and the method names each gets. With ``kind="all"`` each side takes the names registered
     on it, and a side none of the (non-empty) names belongs to is left out; an empty list runs the baselines."""
     if kind not in get_args(Kind):
-        raise InputError(f"a kind in {get_args(Kind)}", repr(kind), "use --kind locate, steer or all")
+        raise InputError(f"a kind in {get_args(Kind)}", repr(kind), "use --kind locate, steer, edit or all")
     if kind != "all" or methods is None:
-        return {side: methods for side in (("locate", "steer") if kind == "all" else (kind,))}
+        return {side: methods for side in (SIDES if kind == "all" else (kind,))}
     get_locate_methods([])  # loads every registered locate method
-    locate, steer = set(LOCATE_METHODS), set(load_steer_methods())
-    unknown = [n for n in methods if n not in locate | steer]
+    registered = {"locate": set(LOCATE_METHODS), "steer": set(load_steer_methods()), "edit": set(load_edit_methods())}
+    unknown = [n for n in methods if not any(n in names for names in registered.values())]
     if unknown:
-        raise InputError(f"method names, locate ones from {sorted(locate)} or steer ones from {sorted(steer)}",
-                         str(unknown), "pass --methods with registered names (baselines are always included)")
-    named = {"locate": [n for n in methods if n in locate], "steer": [n for n in methods if n in steer]}
+        listed = ", ".join(f"{side} ones from {sorted(names)}" for side, names in registered.items())
+        raise InputError(f"method names: {listed}", str(unknown),
+                         "pass --methods with registered names (baselines are always included)")
+    named = {side: [n for n in methods if n in names] for side, names in registered.items()}
     return {side: names for side, names in named.items() if names or not methods}
 
 
 def run_benchmark(*, methods: list[str] | None = None, organisms: list[str] | None = None, kind: str = "all",
                   tau: float | None = None) -> dict[str, Any]:
-    """Run the locate side, the steer side or both (``kind``): the locate result's keys at the top level, the
-    steer result under ``"steer"``, and ``"kinds"`` naming the sides that ran."""
+    """Run the locate, steer and / or edit side (``kind``): the locate result's keys at the top level, the steer
+    result under ``"steer"``, the edit result under ``"edit"``, and ``"kinds"`` naming the sides that ran."""
     from lsi.organisms.registry import get_organism
 
     for name in organisms or []:
@@ -281,16 +390,20 @@ def run_benchmark(*, methods: list[str] | None = None, organisms: list[str] | No
         result.update(run_groundtruth(methods=sides["locate"], organisms=organisms))
     if "steer" in sides:
         result["steer"] = run_steer_groundtruth(methods=sides["steer"], organisms=organisms, tau=tau)
+    if "edit" in sides:
+        result["edit"] = run_edit_groundtruth(methods=sides["edit"], organisms=organisms)
     return result
 
 
 def render(result: dict[str, Any]) -> str:
-    """The locate table and the steer table of a :func:`run_benchmark` result (whichever ran)."""
+    """The locate, steer and edit tables of a :func:`run_benchmark` result (whichever ran)."""
     parts = []
     if "locate" in result["kinds"]:
         parts.append(render_table(result))
     if "steer" in result["kinds"]:
         parts.append(render_steer_table(result["steer"]))
+    if "edit" in result["kinds"]:
+        parts.append(render_edit_table(result["edit"]))
     return "\n\n".join(parts)
 
 

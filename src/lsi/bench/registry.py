@@ -64,8 +64,9 @@ def select_methods(registry: dict[str, M], names: list[str] | None, baselines: t
     wanted = list(registry) if names is None else names
     unknown = [n for n in wanted if n not in registry]
     if unknown:
+        always = f" ({', '.join(baselines)} always included)" if baselines else ""
         raise InputError(f"{side} method names from {sorted(registry)}", str(unknown),
-                         f"pass --methods with registered names ({', '.join(baselines)} always included)")
+                         f"pass --methods with registered names{always}")
     return [registry[n] for n in dict.fromkeys([*baselines, *wanted])]
 
 

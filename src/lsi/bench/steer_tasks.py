@@ -13,6 +13,7 @@ generalization (the same on held-out prompt kinds), specificity (neighbours that
 each one is for the task.
 
 Example:
+    >>> from lsi.steer.selection import best_at_kl
     >>> best_at_kl([Point({"alpha": 1}, SteerScores(0.4), 0.02, 0.0), Point({"alpha": 2}, SteerScores(0.9), 0.3, 0.1)],
     ...            tau=0.1).settings
     {'alpha': 1}
@@ -27,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from lsi.core.positions import PositionSpec
 from lsi.errors import InputError
 from lsi.steer.selection import DEFAULT_TAU, Reference, measured, reference
-from lsi.steer.selection import best_at_kl as best_at_kl  # the benchmark grades by it
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel

@@ -18,17 +18,18 @@ def _names(value: str | None) -> list[str] | None:
 
 @bench.command()
 @click.option("--methods", default=None,
-              help="Comma-separated locate and / or steer methods (default: all registered).")
+              help="Comma-separated locate, steer and / or edit methods (default: all registered).")
 @click.option("--organisms", default=None, help="Comma-separated organisms (default: all).")
-@click.option("--kind", type=click.Choice(["all", "locate", "steer"]), default="all", show_default=True,
-              help="Grade locate methods, steer methods, or both.")
+@click.option("--kind", type=click.Choice(["all", "locate", "steer", "edit"]), default="all", show_default=True,
+              help="Grade locate methods, steer methods, knowledge-edit methods, or all three.")
 @click.option("--tau", type=float, default=None,
               help="KL budget in nats for the steer side's best target success (default: 0.1).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the result here.")
 def groundtruth(methods: str | None, organisms: str | None, kind: str, tau: float | None,
                 json_path: Path | None) -> None:
-    """Grade locate methods against the organisms' planted components (next to the oracle and random) and steer
-    methods by target success at a KL budget (next to the unsteered model, the oracle and a random direction)."""
+    """Grade locate methods against the organisms' planted components (next to the oracle and random), steer
+    methods by target success at a KL budget (next to the unsteered model, the oracle and a random direction) and
+    knowledge-edit methods by efficacy, paraphrase and neighbourhood scores (next to the unedited model)."""
     from lsi.bench.groundtruth import render, run_benchmark, write_json
     from lsi.errors import LsiError
 

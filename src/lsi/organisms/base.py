@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lsi.bench.edit_tasks import EditTask
     from lsi.bench.steer_tasks import SteerTask
     from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
@@ -65,6 +66,8 @@ class Organism:
     locate_tasks: Callable[[LanguageModel, dict[str, Any]], list[LocateTask]] | None = None
     # the steer tasks it grades (None: its ground truth grades no steer method)
     steer_tasks: Callable[[LanguageModel, dict[str, Any]], list[SteerTask]] | None = None
+    # the knowledge-edit tasks it grades (None: its ground truth grades no edit method)
+    edit_tasks: Callable[[LanguageModel, dict[str, Any]], list[EditTask]] | None = None
 
     @property
     def weights_dir(self) -> Path:

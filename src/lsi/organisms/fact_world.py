@@ -40,6 +40,7 @@ from lsi.organisms.fact_world_data import (
 if TYPE_CHECKING:
     import torch
 
+    from lsi.bench.edit_tasks import EditTask
     from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
 
@@ -372,6 +373,75 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
                                    "at the last subject token under subject noise")]
 
 
+EDIT_REQUESTS = 16  # graded edit requests, one per subject; the other subjects' facts are the held-out text
+
+
+def _prompt_rows(tok: Any, facts: list[dict[str, str]], templates: str) -> tuple[list[tuple[int, ...]], list[int],
+                                                                                  list[int]]:
+    """Every fact with every template of the kind given: prompts (real tokens only), last subject token, object."""
+    ids, answer_pos, subject_pos, objects = encode_prompts(tok, facts, templates)
+    rows = [tuple(row[: a + 1].tolist()) for row, a in zip(ids, answer_pos.tolist(), strict=True)]
+    return rows, subject_pos.tolist(), objects.tolist()
+
+
+def _text_rows(tok: Any, facts: list[dict[str, str]]) -> list[list[int]]:
+    """Every fact in every template followed by its object (real tokens only)."""
+    ids, answer_pos, _, _ = encode_prompts(tok, facts, "all", with_object=True)
+    return [row[: a + 2].tolist() for row, a in zip(ids, answer_pos.tolist(), strict=True)]
+
+
+def edit_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[EditTask]:
+    """Counterfactual edits (CounterFact-style): for :data:`EDIT_REQUESTS` seeded subjects, one fact whose object
+    some other subject shares (its neighbours) is to become another object of the relation.
+
+    Each request gives the fact's four training-template prompts; paraphrases are its two held-out templates;
+    neighbours are every other subject with the same relation and object, in all six templates; preservation
+    reads the subject's three other facts in the training templates. Methods may use the stage-1 subjects' facts
+    in every template (the subjects of training stages 0-1, never edited or graded); KL and Δloss are measured on
+    the true facts of the subjects that are not edited, in every template with their objects.
+    """
+    import random
+
+    from lsi.bench.edit_tasks import EditCase, EditTask
+    from lsi.steer.rome import EditRequest
+
+    tok, facts = lm.tokenizer, ground_truth["facts"]
+    rng = random.Random(ground_truth["seed"])
+    subjects = sorted({f["subject"] for f in facts})
+    rng.shuffle(subjects)
+    edited = subjects[:EDIT_REQUESTS]
+    cases = []
+    for subject in edited:
+        own = [f for f in facts if f["subject"] == subject]
+        shared = [(f, [g for g in facts if g["subject"] != subject and (g["relation"], g["object"]) ==
+                       (f["relation"], f["object"])]) for f in own]
+        fact, neighbours = rng.choice([(f, n) for f, n in shared if n])
+        new = rng.choice([o for o in RELATIONS[fact["relation"]]["objects"] if o != fact["object"]])
+        prompts, positions, objects = _prompt_rows(tok, [fact], "train")
+        length = len(subject.split())
+        others = [f for f in own if f is not fact]
+        other_rows, _, other_objects = _prompt_rows(tok, others, "train")
+        cases.append(EditCase(
+            EditRequest(prompts, positions, tok.convert_tokens_to_ids(new), subject=subject),
+            relation=fact["relation"], true_id=objects[0],
+            subject_spans=tuple((p - length + 1, p + 1) for p in positions),
+            paraphrases=tuple(_prompt_rows(tok, [fact], "heldout")[0]),
+            neighbours=tuple(_prompt_rows(tok, neighbours, "all")[0]),
+            other_facts=tuple(other_rows), other_objects=tuple(other_objects)))
+    kept = [f for f in facts if f["subject"] not in edited]
+    description = (f"{EDIT_REQUESTS} counterfactual edits (subject, relation) -> another object of the relation; "
+                   f"the facts live in the MLP of layer {ground_truth['layer']}")
+    metrics = {"efficacy": "P(o*) > P(o) on the request's 4 training-template prompts",
+               "paraphrase": "P(o*) > P(o) on the fact's 2 held-out paraphrase templates",
+               "neighbourhood": "P(o) > P(o*) on the other subjects with the same fact, 6 templates each",
+               "preservation": "top-1 accuracy of the subject's 3 other facts, training templates",
+               "corpus": f"the true facts of the {len(subjects) - EDIT_REQUESTS} subjects not edited, every "
+                         "template, with the object (methods get the stage-1 subjects' facts instead)"}
+    return [EditTask("fact_world", "counterfactual edits", tuple(cases), corpus=_text_rows(tok,
+                     ground_truth["stage1_facts"]), heldout=_text_rows(tok, kept),
+                     planted_layer=ground_truth["layer"], metrics=metrics, description=description)]
+
+
 ORGANISM = Organism(
     name="fact_world",
     summary=f"4-layer GPT-2; subject -> object facts planted only in the MLP of layer {LAYER} (stage-2 training)",
@@ -381,4 +451,5 @@ ORGANISM = Organism(
     verify=verify,
     seed=0,
     locate_tasks=locate_tasks,
+    edit_tasks=edit_tasks,
 )
