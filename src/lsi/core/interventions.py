@@ -114,7 +114,8 @@ class Add(Intervention):
         super().__init__(site=site, positions=positions, scope=scope)  # type: ignore[arg-type]
 
     def transform(self, x: torch.Tensor, ctx: OpContext | None) -> torch.Tensor:
-        _check_broadcast(self.vector, x, "vector", self.site)
+        if self.vector.shape != x.shape[-1:]:  # the common case (one vector) needs no broadcast check
+            _check_broadcast(self.vector, x, "vector", self.site)
         return x + self.alpha * _to(self.vector, x)
 
 

@@ -95,9 +95,12 @@ class DirectionalAblation(Steering):
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
         check_width(lm, self.sites, self.direction.numel(), "a direction")
         r = self.unit
+        converted: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
         def project(x: torch.Tensor) -> torch.Tensor:
-            rr = r.to(device=x.device, dtype=x.dtype)
+            key = (x.device, x.dtype)
+            rr = converted[key] if key in converted else converted.setdefault(key, r.to(device=x.device,
+                                                                                          dtype=x.dtype))
             return x - (x @ rr)[..., None] * rr
 
         return [Apply(s, project) for s in self.sites]
