@@ -5,6 +5,10 @@ What folds (exactly, up to float rounding):
 * :class:`~lsi.steer.base.WeightEdit` (rank-one edits, task vectors, merges, masked fine-tuning) -> its deltas
   added to the weights (first: ``apply`` also adds weight deltas before any hook runs);
 * :class:`DirectionalAblation` with the default sites -> :func:`orthogonalize`;
+* an :class:`~lsi.steer.amplitude.Amplitude` zeroing or scaling heads or neurons at every position -> the
+  matching columns of the output / down projection (:func:`lsi.steer.pruning.scale_units`);
+* :class:`~lsi.steer.pruning.DeleteLayers` -> a checkpoint without those layers (folded last; other steering
+  inside a deleted layer is refused);
 * :class:`AddVector` at all positions with ``scope="all"`` on a residual-stream site -> a bias on the module that
   writes just before it: ``blocks.{l}.resid_pre`` (l > 0) and ``resid_post`` / ``mlp.out`` -> the MLP down
   projection's bias of the layer that wrote last; ``resid_mid`` / ``attn.out`` -> the attention output
@@ -60,8 +64,10 @@ from lsi.steer.ablation import (
     residual_writers,
     untie_embeddings,
 )
+from lsi.steer.amplitude import Amplitude
 from lsi.steer.base import Steering, WeightEdit
 from lsi.steer.heads import HeadShift
+from lsi.steer.pruning import DeleteLayers, check_unit_amplitude, delete_layers, scale_units
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -94,9 +100,37 @@ def _check_foldable(lm: LanguageModel, steering: Steering) -> None:
                     "additions before ablations, or additions orthogonal to the ablated directions",
                     f"{leaf!r} after an ablation, with a component along its direction",
                     "compose the addition first (add + ablation), or remove its component along the direction")
-        elif not isinstance(leaf, WeightEdit):
-            raise NotFoldableError("a DirectionalAblation, an AddVector, a HeadShift or a WeightEdit",
-                                   type(leaf).__name__, _HOOKS_FIX)
+        elif isinstance(leaf, Amplitude):
+            check_unit_amplitude(lm, leaf)
+        elif not isinstance(leaf, (WeightEdit, DeleteLayers)):
+            raise NotFoldableError("a DirectionalAblation, an AddVector, a HeadShift, an Amplitude on heads or "
+                                   "neurons, DeleteLayers or a WeightEdit", type(leaf).__name__, _HOOKS_FIX)
+    _check_layers_kept(lm, steering)
+
+
+def _check_layers_kept(lm: LanguageModel, steering: Steering) -> None:
+    """Refuse a composition that adds or shifts inside a layer it also deletes (the hooks keep that change, a
+    deleted layer cannot), or that both shifts and scales heads of one layer (the order would matter)."""
+    leaves = steering.leaves()
+    deleted = {layer for leaf in leaves if isinstance(leaf, DeleteLayers) for layer in leaf.layers}
+    shifted = {layer for leaf in leaves if isinstance(leaf, HeadShift) for layer in leaf.layer_shifts(lm)}
+    for leaf in leaves:
+        layers: set[int]
+        if isinstance(leaf, AddVector):  # folded into the bias of the layer that writes just before its site
+            writers = {_writer_name(s) for s in lm.resolve_sites(leaf.site)} - {"embed"}
+            layers = {int(name.split(".")[1]) for name in writers}
+        elif isinstance(leaf, Amplitude):
+            layers = {s.layer for s in lm.resolve_sites(list(leaf.sites)) if isinstance(s.layer, int)}
+            if layers & shifted:
+                raise NotFoldableError("heads either shifted (HeadShift) or scaled (Amplitude) in one layer",
+                                       f"both in layers {sorted(layers & shifted)}", _HOOKS_FIX)
+        elif isinstance(leaf, HeadShift):
+            layers = set(leaf.layer_shifts(lm))
+        else:
+            continue
+        if layers & deleted:
+            raise NotFoldableError("steering outside the deleted layers", f"{leaf!r} in deleted layers "
+                                   f"{sorted(layers & deleted)}", _HOOKS_FIX)
 
 
 def _writer_name(site: Site) -> str:
@@ -193,10 +227,13 @@ def fold(lm: LanguageModel, steering: Steering) -> LanguageModel:
             _fold_addition(target, leaf)
         elif isinstance(leaf, HeadShift):
             _fold_head_shift(target, leaf)
+        elif isinstance(leaf, Amplitude):
+            scale_units(target, leaf)
     for leaf in leaves:
         if isinstance(leaf, DirectionalAblation):
             orthogonalize(target, leaf.direction, copy=False)
-    return target
+    deleted = {layer for leaf in leaves if isinstance(leaf, DeleteLayers) for layer in leaf.layers}
+    return delete_layers(target, deleted) if deleted else target
 
 
 def _probe_ids(lm: LanguageModel) -> torch.Tensor:
