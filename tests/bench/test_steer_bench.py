@@ -15,14 +15,14 @@ from lsi.bench import steer_registry
 from lsi.bench.groundtruth import grade_steer_task, render_steer_table, run_steer_groundtruth
 from lsi.bench.steer_methods.diff_in_means import ALPHAS
 from lsi.bench.steer_registry import Candidate, SteerMethod, get_steer_methods
-from lsi.bench.steer_tasks import Point, SteerScores, SteerSplit, SteerTask, best_at_kl, measure
+from lsi.bench.steer_tasks import Point, SteerScores, SteerSplit, SteerTask, measure
 from lsi.cli.main import cli
 from lsi.errors import InputError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
 from lsi.steer.ablation import AddVector, DirectionalAblation
 from lsi.steer.directions import diff_in_means, pca_of_differences, probe_direction, site_features
-from lsi.steer.selection import reference
+from lsi.steer.selection import best_at_kl, reference
 
 
 # -- best success at KL <= tau ---------------------------------------------------------------------------------------

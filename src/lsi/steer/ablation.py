@@ -30,7 +30,7 @@ import copy as copy_module
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,11 +39,13 @@ from lsi.arch.dims import get_module, linear_weight
 from lsi.core.interventions import Add, Apply, Intervention, Scope
 from lsi.core.positions import All, Positions, PositionSpec, as_positions
 from lsi.core.sites import Site
-from lsi.errors import InputError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
+from lsi.errors import InputError, NotFoldableError, ShapeMismatchError
 from lsi.steer.base import (
     ModelSignature,
     Steering,
     as_signature,
+    check_scaled,
+    check_scope,
     check_width,
     finite_vector,
     positions_from_json,
@@ -141,27 +143,18 @@ class AddVector(Steering):
                  positions: PositionSpec = "all", scope: Scope = "all",
                  model: LanguageModel | ModelSignature | None = None) -> None:
         v = finite_vector(vector, "vector")
-        if scope not in get_args(Scope):
-            raise InputError(f"scope in {get_args(Scope)}", repr(scope), "e.g. scope='generated'")
+        check_scope(scope)
         object.__setattr__(self, "site", str(Site.parse(site)))
         object.__setattr__(self, "vector", v)
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "positions", as_positions(positions))
         object.__setattr__(self, "scope", scope)
         object.__setattr__(self, "model", as_signature(model))
-        self._check_strength(torch.float32)
-
-    def _check_strength(self, dtype: torch.dtype) -> None:
-        scaled = self.alpha * self.vector.to(dtype)
-        if not bool(torch.isfinite(scaled).all()):
-            raise NonFiniteSteeringError(f"alpha * vector finite in {dtype} at {self.site}",
-                                         f"alpha={self.alpha:g} with |vector|={float(self.vector.norm()):.4g} "
-                                         f"({int((~torch.isfinite(scaled)).sum())} non-finite entries)",
-                                         "lower alpha (or run the model in float32)")
+        check_scaled(self.alpha, self.vector, torch.float32, f"vector at {self.site}")
 
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
         check_width(lm, [self.site], self.vector.numel(), "a vector")
-        self._check_strength(lm.weights.W_E.dtype)
+        check_scaled(self.alpha, self.vector, lm.weights.W_E.dtype, f"vector at {self.site}")
         return [Add(self.site, self.vector, self.alpha, positions=self.positions, scope=self.scope)]
 
     def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

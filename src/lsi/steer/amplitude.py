@@ -45,6 +45,7 @@ from lsi.steer.base import (
     Steering,
     as_signature,
     check_finite,
+    check_scope,
     positions_from_json,
     positions_json,
 )
@@ -94,8 +95,7 @@ class Amplitude(Steering):
                              "use Amplitude.scale(sites, alpha)")
         if alpha is not None and not math.isfinite(float(alpha)):
             raise NonFiniteSteeringError("a finite alpha", repr(alpha), "pass a finite factor, e.g. alpha=0.5")
-        if scope not in get_args(Scope):
-            raise InputError(f"scope in {get_args(Scope)}", repr(scope), "e.g. scope='generated'")
+        check_scope(scope)
         object.__setattr__(self, "operation", operation)
         object.__setattr__(self, "sites", names)
         object.__setattr__(self, "values", stored)

@@ -40,12 +40,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_args
 
 import torch
 
 from lsi.core.bundle import load_bundle, save_bundle
-from lsi.core.interventions import Apply, Intervention
+from lsi.core.interventions import Apply, Intervention, Scope
 from lsi.core.positions import All, Index, Last, Match, Positions, Span
 from lsi.core.sites import Site
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, ShapeMismatchError
@@ -103,6 +103,23 @@ def check_finite(value: torch.Tensor, what: str, fix: str = "recompute it (check
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         raise NonFiniteSteeringError(f"a finite {what}", f"{int((~finite).sum())} NaN/inf entries", fix)
+
+
+def check_scope(scope: str) -> Scope:
+    """``scope`` if it is one of ``"prompt"``, ``"generated"``, ``"all"``."""
+    if scope not in get_args(Scope):
+        raise InputError(f"scope in {get_args(Scope)}", repr(scope), "e.g. scope='generated'")
+    return scope  # type: ignore[return-value]
+
+
+def check_scaled(alpha: float, values: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse a strength whose ``alpha * values`` is not finite in ``dtype`` (e.g. overflows float16)."""
+    scaled = alpha * values.to(dtype)
+    if not bool(torch.isfinite(scaled).all()):
+        raise NonFiniteSteeringError(f"alpha * {what} finite in {dtype}",
+                                     f"alpha={alpha:g} with max |value|={float(values.abs().max()):.4g} "
+                                     f"({int((~torch.isfinite(scaled)).sum())} non-finite entries)",
+                                     "lower alpha (or run the model in float32)")
 
 
 def check_width(lm: LanguageModel, sites: Sequence[str | Site], size: int, what: str) -> None:

@@ -30,20 +30,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lsi.core.interventions import Add, Intervention, Scope
 from lsi.core.positions import All, Positions, PositionSpec, as_positions
 from lsi.core.sites import Site
-from lsi.errors import IndexOutOfRangeError, InputError, NonFiniteSteeringError, ShapeMismatchError
+from lsi.errors import IndexOutOfRangeError, InputError, ShapeMismatchError
 from lsi.locate.probing import ProbePosition, probe
 from lsi.steer.base import (
     ModelSignature,
     Steering,
     as_signature,
     check_finite,
+    check_scaled,
+    check_scope,
     positions_from_json,
     positions_json,
 )
@@ -87,22 +89,14 @@ class HeadShift(Steering):
             raise ShapeMismatchError(f"shifts of shape [{len(pairs)}, d_head] (one row per head)",
                                      f"shape {tuple(s.shape)}", "stack one d_head-wide shift per head")
         check_finite(s, "head shift")
-        if scope not in get_args(Scope):
-            raise InputError(f"scope in {get_args(Scope)}", repr(scope), "e.g. scope='generated'")
+        check_scope(scope)
         object.__setattr__(self, "heads", pairs)
         object.__setattr__(self, "shifts", s)
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "positions", as_positions(positions))
         object.__setattr__(self, "scope", scope)
         object.__setattr__(self, "model", as_signature(model))
-        self._check_strength(torch.float32)
-
-    def _check_strength(self, dtype: torch.dtype) -> None:
-        scaled = self.alpha * self.shifts.to(dtype)
-        if not bool(torch.isfinite(scaled).all()):
-            raise NonFiniteSteeringError(f"alpha * shifts finite in {dtype}",
-                                         f"alpha={self.alpha:g} with max |shift|={float(self.shifts.abs().max()):.4g}",
-                                         "lower alpha (or run the model in float32)")
+        check_scaled(self.alpha, self.shifts, torch.float32, "shifts")
 
     def layer_shifts(self, lm: LanguageModel) -> dict[int, torch.Tensor]:
         """Per layer with a shifted head, the unscaled shift of every head ``[n_heads, d_head]`` (zero rows for
@@ -121,7 +115,7 @@ class HeadShift(Steering):
         return out
 
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
-        self._check_strength(lm.weights.W_E.dtype)
+        check_scaled(self.alpha, self.shifts, lm.weights.W_E.dtype, "shifts")
         return [Add(f"blocks.{layer}.attn.z", block, self.alpha, positions=self.positions, scope=self.scope)
                 for layer, block in sorted(self.layer_shifts(lm).items())]
 
