@@ -114,9 +114,11 @@ def stories_cases(sizes: list[tuple[int, int]], device: torch.device) -> list[Ca
 def stories_case(lm: Any, batch: int, tokens: int) -> Case:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, lm.dims.vocab, (batch, tokens), generator=gen)
+    middle, n_ids = ids[:, tokens // 2], lm.dims.vocab - 3  # ids 3 .. vocab - 1
+    drawn = (middle + 1 + torch.randint(0, n_ids - 1, (batch,), generator=gen)) % n_ids + 3
+    # the draw can give the token back (one chance in vocab - 4) and never gives middle % n_ids + 3: swap those
     corrupt = ids.clone()
-    corrupt[:, tokens // 2] = (ids[:, tokens // 2] + 1 + torch.randint(0, lm.dims.vocab - 4, (batch,),
-                                                                        generator=gen)) % (lm.dims.vocab - 3) + 3
+    corrupt[:, tokens // 2] = torch.where(drawn == middle, middle % n_ids + 3, drawn)
     clean_b, corrupt_b = lm.to_batch(ids), lm.to_batch(corrupt)
     return Case("stories260k", lm, clean_b, corrupt_b, _kl_metric(lm, clean_b),
                 f"random ids, token {tokens // 2} changed")

@@ -36,8 +36,12 @@ TEXTS = [
 def setup() -> tuple[lsi.LanguageModel, list[int], list[int], object]:
     lm = lsi.load(STORIES, attn_implementation="eager")  # head scores read attention patterns
     clean, corrupt = (lm.to_batch(TEMPLATE.format(name=n)).input_ids[0].tolist() for n in ("Lily", "Tim"))
-    lily, tim = (lm.encode(n)[0] for n in ("Lily", "Tim"))
-    return lm, clean, corrupt, logit_diff(lily, tim)
+    return lm, clean, corrupt, logit_diff(*metric_tokens(lm))
+
+
+def metric_tokens(lm: lsi.LanguageModel) -> tuple[int, int]:
+    """The token ids of the two names: the metric is logit(Lily) - logit(Tim)."""
+    return lm.encode("Lily")[0], lm.encode("Tim")[0]
 
 
 def show(title: str) -> None:
@@ -68,10 +72,6 @@ def section_lens(lm, clean, corrupt, metric) -> dict[str, Any]:
     print(f"  (sum of all components + constant = {total:.3f}; model logit difference = {dla.settings['logit']:.3f})")
     return {"dla_total": total, "logit_diff": dla.settings["logit"],
             "tuned_kl": kl.scores[1].tolist(), "logit_kl": kl.scores[0].tolist()}
-
-
-def metric_tokens(lm: lsi.LanguageModel) -> tuple[int, int]:
-    return lm.encode("Lily")[0], lm.encode("Tim")[0]
 
 
 def section_patching(lm, clean, corrupt, metric) -> dict[str, Any]:

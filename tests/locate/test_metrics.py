@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lsi.core.inputs import Batch
+from lsi.core.model import evaluate
 from lsi.errors import InputError
 from lsi.locate import metrics
 
@@ -72,7 +73,7 @@ def test_bad_input_is_typed(padded) -> None:
     with pytest.raises(InputError, match="one target id, or one per row"):
         metrics.logit([1, 2, 3])(logits, right)
     with pytest.raises(InputError, match="a metric returning a scalar tensor"):
-        metrics.evaluate(lambda lg, b: lg[:, -1, 0], logits, right)
+        evaluate(lambda lg, b: lg[:, -1, 0], logits, right)
     with pytest.raises(InputError, match="targets of at least one token"):
         metrics.append_targets([[1]], [[]])
     with pytest.raises(InputError, match="non-empty token set"):

@@ -36,6 +36,8 @@ def test_mask_and_select_agree(grid: LocateResult) -> None:
     assert mask[0, 1] and mask[1, 0]
     assert grid.select(k=2, by="abs") == ["blocks.0.resid_pre@1", "blocks.1.resid_pre@0"]
     assert grid.select(threshold=0.3) == ["blocks.1.resid_pre@0", "blocks.0.resid_pre@2"]
+    assert grid.mask(threshold=0.3).tolist() == [[False, False, True], [True, False, False]]
+    assert grid.mask(threshold=0.3, by="abs").tolist() == [[False, True, True], [True, False, False]]
     assert grid.above(0.35, by="abs") == ["blocks.0.resid_pre@1", "blocks.1.resid_pre@0"]
 
 
@@ -62,6 +64,8 @@ def test_bad_input_is_typed(grid: LocateResult, tmp_path) -> None:
         LocateResult(torch.zeros(3), (("object", ("a", "b")),), method="m")
     with pytest.raises(InputError, match="exactly one of k= and threshold="):
         grid.mask()
+    with pytest.raises(InputError, match="exactly one of k= and threshold="):
+        grid.select(k=1, threshold=0.5)
     with pytest.raises(InputError, match="missing"):
         LocateResult.load(tmp_path / "nothing")
     cube = LocateResult(torch.zeros(1, 1, 1), (("a", ("0",)), ("b", ("0",)), ("c", ("0",))), method="m")

@@ -33,10 +33,18 @@ from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import SITE_KINDS, Site, as_sites
 from lsi.core.weights import Weights
 from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
-from lsi.locate.metrics import evaluate
 
 SiteSpec = str | Site | Sequence[str | Site]
 Metric = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def evaluate(metric: Metric, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``metric(logits, batch)``, refused unless it is a scalar tensor."""
+    value = metric(logits, batch)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError("a metric returning a scalar tensor", found, "reduce it, e.g. metric(...).mean() or .sum()")
+    return value.reshape(())
 
 
 @dataclass(frozen=True)

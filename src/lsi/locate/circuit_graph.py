@@ -55,9 +55,9 @@ from torch import nn
 from lsi.arch.dims import get_module
 from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply, Intervention
+from lsi.core.model import evaluate
 from lsi.core.runs import ContextFactory, as_run, check_aligned
 from lsi.errors import InputError, ShapeMismatchError, UnknownArchitectureError
-from lsi.locate.metrics import evaluate
 
 if TYPE_CHECKING:
     from lsi.core.cache import ActivationCache

@@ -115,11 +115,11 @@ def eap_ig(lm: LanguageModel, clean: Any, corrupted: Any, metric: Metric, *, ste
     with con.setting():
         cache = lm.run_with_cache(con.batch, graph.sender_sites)
     assert cache.logits is not None
-    f_clean = float(per_copy(metric, con.batch)(cache.logits)[0])
+    copies = per_copy(metric, con.batch)
+    f_clean = float(copies(cache.logits)[0])
     e_clean, e_corrupt = cache["embed"], con.corrupt[:, :, 0]
     alphas = [k / steps for k in range(1, steps + 1)]
     per_forward = max(1, batch_size // len(con.batch.input_ids))
-    copies = per_copy(metric, con.batch)
 
     def summed(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return copies(logits).sum()

@@ -34,10 +34,11 @@ import torch
 from lsi.arch.dims import out_in
 from lsi.core.inputs import Batch, Inputs
 from lsi.core.interventions import Set
+from lsi.core.model import evaluate
 from lsi.core.runs import ContextFactory, Run, as_run, check_aligned
 from lsi.core.sites import Site
 from lsi.errors import InputError, ShapeMismatchError
-from lsi.locate.metrics import evaluate, metric_name
+from lsi.locate.metrics import metric_name
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:

@@ -39,13 +39,14 @@ def layer_distances(lm: LanguageModel, inputs_a: Any, inputs_b: Any, sites: Site
     Example: ``layer_distances(lm, clean_prompts, corrupted_prompts).top(3)``.
     """
     concrete = unit_sites(lm, sites)
-    n_a, n_b = (lm.to_batch(x).input_ids.shape[0] for x in (inputs_a, inputs_b))
+    batch_a, batch_b = lm.to_batch(inputs_a), lm.to_batch(inputs_b)
+    n_a, n_b = len(batch_a.input_ids), len(batch_b.input_ids)
     if n_a != n_b:
         raise InputError("the same number of rows in both inputs (pairs)", f"{n_a} and {n_b}", "pair every row")
     select = as_positions(positions)
     total = torch.zeros(len(concrete), dtype=torch.float64)
     count = 0
-    for a, b in zip(lm.batches(inputs_a, batch_size), lm.batches(inputs_b, batch_size), strict=True):
+    for a, b in zip(lm.batches(batch_a, batch_size), lm.batches(batch_b, batch_size), strict=True):
         mask_a, mask_b = (select.mask(x.input_ids, x.attention_mask) for x in (a, b))
         if not torch.equal(mask_a.sum(1), mask_b.sum(1)):
             raise InputError(f"the same number of selected tokens ({select}) in each pair of rows",

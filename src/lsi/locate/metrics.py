@@ -38,16 +38,6 @@ class Metric:
         return self.fn(logits, batch)
 
 
-def evaluate(metric: Callable[[torch.Tensor, Batch], torch.Tensor], logits: torch.Tensor,
-             batch: Batch) -> torch.Tensor:
-    """``metric(logits, batch)``, refused unless it is a scalar tensor."""
-    value = metric(logits, batch)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise InputError("a metric returning a scalar tensor", found, "reduce it, e.g. metric(...).mean() or .sum()")
-    return value.reshape(())
-
-
 def metric_name(metric: object) -> str:
     return str(getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__)))
 
@@ -58,12 +48,14 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(1).long().argmax(1)
 
 
-def _last_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+def last_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits at the last real token of each row: ``[batch, vocab]``."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, last_positions(batch.attention_mask).to(logits.device)]
 
 
-def _per_row(tokens: Tokens, n: int, device: torch.device) -> torch.Tensor:
+def per_row_ids(tokens: Tokens, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One token id per row ``[n]``: a single id repeated, or ``n`` ids checked."""
     ids = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
     if ids.numel() == 1:
         return ids.expand(n)
@@ -76,19 +68,19 @@ def _per_row(tokens: Tokens, n: int, device: torch.device) -> torch.Tensor:
 def logit(target: Tokens) -> Metric:
     """Mean logit of ``target`` at the last real token."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        last = _last_logits(logits, batch)
-        return last.gather(-1, _per_row(target, len(last), last.device)[:, None]).mean()
-    return Metric(f"logit[{_describe(target)}]", fn)
+        last = last_logits(logits, batch)
+        return last.gather(-1, per_row_ids(target, len(last), last.device)[:, None]).mean()
+    return Metric(f"logit[{describe_tokens(target)}]", fn)
 
 
 def logit_diff(correct: Tokens, incorrect: Tokens) -> Metric:
     """Mean ``logit(correct) - logit(incorrect)`` at the last real token."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        last = _last_logits(logits, batch)
+        last = last_logits(logits, batch)
         n, dev = len(last), last.device
-        return (last.gather(-1, _per_row(correct, n, dev)[:, None])
-                - last.gather(-1, _per_row(incorrect, n, dev)[:, None])).mean()
-    return Metric(f"logit_diff[{_describe(correct)} - {_describe(incorrect)}]", fn)
+        return (last.gather(-1, per_row_ids(correct, n, dev)[:, None])
+                - last.gather(-1, per_row_ids(incorrect, n, dev)[:, None])).mean()
+    return Metric(f"logit_diff[{describe_tokens(correct)} - {describe_tokens(incorrect)}]", fn)
 
 
 def prob_diff(tokens_a: TokenSets, tokens_b: TokenSets) -> Metric:
@@ -96,7 +88,7 @@ def prob_diff(tokens_a: TokenSets, tokens_b: TokenSets) -> Metric:
     a, b = _id_set(tokens_a), _id_set(tokens_b)
 
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        probs = _last_logits(logits, batch).float().softmax(-1)
+        probs = last_logits(logits, batch).float().softmax(-1)
         return (probs[:, a].sum(-1) - probs[:, b].sum(-1)).mean()
     return Metric(f"prob_diff[{len(a)} vs {len(b)} tokens]", fn)
 
@@ -107,7 +99,7 @@ def target_logprob(target_lengths: int | Sequence[int]) -> Metric:
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None].to(logits.device))
         n = logits.shape[0]
-        lengths = _per_row(target_lengths, n, logits.device)
+        lengths = per_row_ids(target_lengths, n, logits.device)
         ends = last_positions(batch.attention_mask).to(logits.device)  # index of each row's last token
         pos = torch.arange(logits.shape[1] - 1, device=logits.device)[None]  # predicts token pos + 1
         in_target = (pos + 1 > ends[:, None] - lengths[:, None]) & (pos + 1 <= ends[:, None])
@@ -144,7 +136,7 @@ def kl_to(reference_logits: torch.Tensor, *, positions: str = "last") -> Metric:
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         ref = reference_logits.to(logits.device)
         if positions == "last":
-            p, q = _last_logits(ref, batch), _last_logits(logits, batch)
+            p, q = last_logits(ref, batch), last_logits(logits, batch)
             weights = torch.ones(len(p), device=logits.device)
         else:
             p, q = ref.flatten(0, 1), logits.flatten(0, 1)
@@ -162,6 +154,7 @@ def _id_set(tokens: TokenSets) -> list[int]:
     return sorted(set(flat))
 
 
-def _describe(tokens: Tokens) -> str:
+def describe_tokens(tokens: Tokens) -> str:
+    """A short name for token ids in metric names: the id itself, or how many there are."""
     ids = torch.as_tensor(tokens).flatten().tolist()
     return str(ids[0]) if len(ids) == 1 else f"{len(ids)} ids"

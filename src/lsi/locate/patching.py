@@ -43,11 +43,12 @@ import torch
 
 from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply
+from lsi.core.model import evaluate
 from lsi.core.positions import as_positions
 from lsi.core.runs import ContextFactory, as_run, check_aligned
 from lsi.core.sites import Site
 from lsi.errors import InputError
-from lsi.locate.metrics import evaluate, metric_name
+from lsi.locate.metrics import metric_name
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 Direction = Literal["denoise", "noise"]
 AblationKind = Literal["zero", "mean", "resample"]
-DEFAULT_BATCH_SIZE = 128  # rows per forward; 64–256 were fastest on one CPU thread (cache-friendly)
+DEFAULT_BATCH_SIZE = 128  # rows per forward, chosen on one CPU thread: see benchmarks/README.md (bench_patching.py)
 
 
 # -- the batched engine --------------------------------------------------------------------------------------------

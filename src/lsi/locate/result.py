@@ -7,10 +7,10 @@ the settings that produced it, and turns into a selection another method can con
 
 Example:
     >>> import torch
-    >>> r = LocateResult(torch.tensor([[0.1, 0.9], [0.4, -0.2]]), (("layer", ("0", "1")), ("head", ("0", "1"))),
+    >>> r = LocateResult(torch.tensor([[0.25, 0.75], [0.5, -0.125]]), (("layer", ("0", "1")), ("head", ("0", "1"))),
     ...                  method="demo", metric="logit_diff")
     >>> r.top(2)
-    [('0@1', 0.9), ('1@0', 0.4)]
+    [('0@1', 0.75), ('1@0', 0.5)]
     >>> r.mask(k=1).tolist()
     [[False, True], [False, False]]
 """
@@ -79,9 +79,12 @@ class LocateResult:
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.labels, self.scores.flatten().tolist(), strict=True))
 
-    def _order(self, by: By) -> torch.Tensor:
+    def _key(self, by: By) -> torch.Tensor:
         flat = self.scores.flatten()
-        key = flat.abs() if by == "abs" else flat
+        return flat.abs() if by == "abs" else flat
+
+    def _order(self, by: By) -> torch.Tensor:
+        key = self._key(by)
         key = torch.where(torch.isnan(key), torch.full_like(key, -math.inf), key)
         return torch.argsort(key, descending=True, stable=True)
 
@@ -92,29 +95,27 @@ class LocateResult:
 
     def above(self, threshold: float, *, by: By = "signed") -> list[str]:
         """Labels of the objects whose score (or |score|) is at least ``threshold``, best first."""
-        flat = self.scores.flatten()
-        key = flat.abs() if by == "abs" else flat
-        labels = self.labels
+        key, labels = self._key(by), self.labels
         return [labels[i] for i in self._order(by).tolist() if key[i] >= threshold]
 
     def mask(self, *, k: int | None = None, threshold: float | None = None, by: By = "signed") -> torch.Tensor:
         """Boolean tensor shaped like ``scores``: the top ``k`` cells, or the cells at or above ``threshold``."""
-        if (k is None) == (threshold is None):
-            raise InputError("exactly one of k= and threshold=", f"k={k}, threshold={threshold}",
-                             "e.g. result.mask(k=5)")
-        flat = torch.zeros(self.scores.numel(), dtype=torch.bool)
-        if k is not None:
+        if k is not None and threshold is None:
+            flat = torch.zeros(self.scores.numel(), dtype=torch.bool)
             flat[self._order(by)[:k]] = True
+        elif threshold is not None and k is None:
+            flat = self._key(by) >= threshold
         else:
-            key = self.scores.flatten().abs() if by == "abs" else self.scores.flatten()
-            flat = key >= float(threshold)  # type: ignore[arg-type]
+            raise _k_or_threshold(k, threshold)
         return flat.reshape(self.scores.shape)
 
     def select(self, *, k: int | None = None, threshold: float | None = None, by: By = "signed") -> list[str]:
         """Labels of the selected objects (best first): what a steering method takes as its target."""
-        chosen = set(self.mask(k=k, threshold=threshold, by=by).flatten().nonzero().flatten().tolist())
-        labels = self.labels
-        return [labels[i] for i in self._order(by).tolist() if i in chosen]
+        if k is not None and threshold is None:
+            return [label for label, _ in self.top(k, by=by)]
+        if threshold is not None and k is None:
+            return self.above(threshold, by=by)
+        raise _k_or_threshold(k, threshold)
 
     # -- saving ------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -162,6 +163,10 @@ class LocateResult:
         dims = " × ".join(f"{name}[{len(labels)}]" for name, labels in self.axes)
         best = ", ".join(f"{label}={score:.3g}" for label, score in self.top(3, by="abs"))
         return f"LocateResult({self.method}, {self.metric or 'no metric'}; {dims}; top |score|: {best})"
+
+
+def _k_or_threshold(k: int | None, threshold: float | None) -> InputError:
+    return InputError("exactly one of k= and threshold=", f"k={k}, threshold={threshold}", "e.g. result.mask(k=5)")
 
 
 def jsonable(value: Any) -> Any:

@@ -35,7 +35,7 @@ from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply
 from lsi.core.positions import Index
 from lsi.errors import InputError
-from lsi.locate.metrics import last_positions
+from lsi.locate.metrics import last_logits, per_row_ids
 from lsi.locate.patching import DEFAULT_BATCH_SIZE, Write, run_patched
 from lsi.locate.result import LocateResult
 
@@ -115,7 +115,7 @@ def trace_effects(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target:
     batch = lm.to_batch(prompts)
     n, n_layers = len(batch.lengths), lm.dims.n_layers
     subject_mask = _subject_mask(subject, batch)
-    targets = _targets(target, n)
+    targets = per_row_ids(target, n)
     sites = [f"blocks.{layer}.{KIND_SITES[kind]}" for layer in range(n_layers)]
     clean = lm.run_with_cache(batch, ["embed", *sites])
     assert clean.logits is not None
@@ -180,18 +180,9 @@ def _subject_mask(subject: SubjectSpec, batch: Batch) -> torch.Tensor:
     return mask
 
 
-def _targets(target: int | Sequence[int], n: int) -> torch.Tensor:
-    ids = torch.as_tensor(target, dtype=torch.long).flatten()
-    if ids.numel() not in (1, n):
-        raise InputError(f"one target id, or one per prompt ({n})", f"{ids.numel()} ids",
-                         "pass an int or a list with one id per prompt")
-    return ids.expand(n) if ids.numel() == 1 else ids
-
-
 def _target_prob(logits: torch.Tensor, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
-    rows = torch.arange(len(logits), device=logits.device)
-    last = logits[rows, last_positions(batch.attention_mask).to(logits.device)].float().softmax(-1)
-    return last[rows, targets.to(logits.device)]
+    probs = last_logits(logits, batch).float().softmax(-1)
+    return probs[torch.arange(len(probs), device=probs.device), targets.to(probs.device)]
 
 
 def _columns(positions: str | Sequence[int], batch: Batch,

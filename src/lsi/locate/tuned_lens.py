@@ -31,7 +31,7 @@ from lsi.core.bundle import load_bundle, save_bundle
 from lsi.core.positions import PositionSpec
 from lsi.errors import InputError
 from lsi.locate.result import LocateResult
-from lsi.locate.vocab import LogitLensResult, lens_sites, read_lens
+from lsi.locate.vocab import LogitLensResult, decode_rows, lens_sites, read_lens
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
@@ -174,11 +174,14 @@ def lens_kl(lm: LanguageModel, inputs: Inputs | Batch, lens: TunedLens | None = 
         lens._check_model(lm)
     batch = lm.to_batch(inputs)
     mask = batch.attention_mask.bool()
+    sites, labels = lens_sites(lm)
+    cache = lm.run_with_cache(batch, sites)
+    states = [cache[s][mask] for s in sites]  # [n_tokens, d_model] per lens row
     readers = {"logit": None, **({} if lens is None else {"tuned": lens.translate})}
-    rows = {name: read_lens(lm, batch, positions=None, translate=t).logits[:, mask] for name, t in readers.items()}
+    rows = {name: decode_rows(lm, states, t) for name, t in readers.items()}
     final = rows["logit"][-1].float().log_softmax(-1)  # the model's own logits at every real token
     scores = torch.stack([_kl(final, r).mean(-1) for r in rows.values()])
     settings = {"n_tokens": int(mask.sum()), "final_norm_applied": True,
                 **({} if lens is None else {"tuned_lens": lens.settings})}
-    return LocateResult(scores, (("lens", tuple(rows)), ("layer", lens_sites(lm)[1])), method="lens_kl",
+    return LocateResult(scores, (("lens", tuple(rows)), ("layer", labels)), method="lens_kl",
                         metric="kl(final || lens)", settings=settings)

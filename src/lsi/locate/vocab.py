@@ -36,6 +36,7 @@ from lsi.arch.dims import get_module
 from lsi.core.positions import PositionSpec
 from lsi.core.sites import Site
 from lsi.errors import IndexOutOfRangeError, InputError, ShapeMismatchError, SiteUnavailableError
+from lsi.locate.metrics import describe_tokens
 from lsi.locate.result import LocateResult
 
 if TYPE_CHECKING:
@@ -71,15 +72,20 @@ def lens_sites(lm: LanguageModel) -> tuple[list[str], tuple[str, ...]]:
     return ["blocks.0.resid_pre", *posts], ("embed", *posts)
 
 
+def decode_rows(lm: LanguageModel, states: Sequence[torch.Tensor],
+                translate: Translate | None = None) -> torch.Tensor:
+    """Lens logits ``[rows, ..., vocab]`` of one residual state tensor per lens row, after ``translate(row, resid)``
+    when given (a tuned lens)."""
+    with torch.no_grad():
+        return torch.stack([lm.unembed(h if translate is None else translate(i, h)) for i, h in enumerate(states)])
+
+
 def read_lens(lm: LanguageModel, inputs: Inputs | Batch, *, positions: PositionSpec = "last",
               translate: Translate | None = None) -> LogitLensResult:
     """Decode every residual row at ``positions``, after ``translate(row, resid)`` when given (a tuned lens)."""
     sites, labels = lens_sites(lm)
     cache = lm.run_with_cache(inputs, sites, positions=positions)
-    with torch.no_grad():
-        rows = [cache[s] if translate is None else translate(i, cache[s]) for i, s in enumerate(sites)]
-        logits = torch.stack([lm.unembed(r) for r in rows])
-    return LogitLensResult(logits, labels)
+    return LogitLensResult(decode_rows(lm, [cache[s] for s in sites], translate), labels)
 
 
 def logit_lens(lm: LanguageModel, inputs: Inputs, *, positions: PositionSpec = "last") -> LogitLensResult:
@@ -168,7 +174,7 @@ def _unembed_direction(lm: LanguageModel, direction: Direction,
             raise InputError("a (correct, incorrect) pair", f"a tuple of {len(direction)}",
                              "pass (correct_id, incorrect_id); a list means one target per input")
         (uc, bc), (ui, bi) = tokens(direction[0]), tokens(direction[1])
-        return uc - ui, bc - bi, f"logit_diff[{_describe(direction[0])} - {_describe(direction[1])}]"
+        return uc - ui, bc - bi, f"logit_diff[{describe_tokens(direction[0])} - {describe_tokens(direction[1])}]"
     if isinstance(direction, torch.Tensor) and direction.dtype.is_floating_point:
         if direction.shape[-1] != lm.dims.d_model:
             raise ShapeMismatchError(f"a vector of size d_model={lm.dims.d_model} (or [batch, k, d_model])",
@@ -181,12 +187,7 @@ def _unembed_direction(lm: LanguageModel, direction: Direction,
                                      "pass one vector [d_model], or one per selected cell") from None
         return u, torch.zeros(shape, device=w_u.device), "direction"
     u, bias = tokens(direction)
-    return u, bias, f"logit[{_describe(direction)}]"
-
-
-def _describe(ids: TokenIds) -> str:
-    flat = torch.as_tensor(ids).flatten().tolist()
-    return str(flat[0]) if len(flat) == 1 else f"{len(flat)} ids"
+    return u, bias, f"logit[{describe_tokens(direction)}]"
 
 
 def _require_head_sums(lm: LanguageModel) -> None:
