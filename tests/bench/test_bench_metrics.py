@@ -20,6 +20,17 @@ def _brute_ap(scores, truth):
     return sum(sum(v in truth for v in ranked[:k]) / k for k, u in enumerate(ranked, 1) if u in truth) / len(truth)
 
 
+def _brute_spearman(a, b):
+    """Pearson correlation of average ranks (a value's rank: how many are smaller, plus half its other ties)."""
+    def ranks(v):
+        return [sum(y < x for y in v) + (sum(y == x for y in v) - 1) / 2 for x in v]
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
 def test_metrics_match_brute_force_on_random_cases():
     rng = random.Random(0)
     for _ in range(50):
@@ -27,6 +38,10 @@ def test_metrics_match_brute_force_on_random_cases():
         scores = {u: float(rng.randint(0, 5)) for u in universe}  # small integers: many ties
         truth = set(rng.sample(universe, rng.randint(1, len(universe) - 1)))
         assert metrics.auroc_of(scores, truth) == pytest.approx(_brute_auroc(scores, truth))
+        other = {u: float(rng.randint(0, 3)) for u in universe}
+        if len(set(scores.values())) > 1 and len(set(other.values())) > 1:
+            assert metrics.spearman(scores, other) == pytest.approx(_brute_spearman(list(scores.values()),
+                                                                                    list(other.values())))
         distinct = {u: s + 1e-3 * i for i, (u, s) in enumerate(scores.items())}
         assert metrics.average_precision(distinct, truth) == pytest.approx(_brute_ap(distinct, truth))
 

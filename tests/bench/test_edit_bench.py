@@ -136,6 +136,8 @@ def test_runner_grades_every_row_of_every_case_next_to_the_unedited_model(tiny_l
     table = render_edit_table({"tasks": [graded], "skipped_organisms": {"x": "no edit task"}})
     assert "toy / toy edits: means over 2 requests, planted layer 1" in table
     assert "skipped (needs a planted layer 3): never" in table and "x: skipped (no edit task)" in table
+    (random_line,) = [line for line in table.splitlines() if line.lstrip().startswith("random@1")]
+    assert random_line.endswith("layer=1, seed=10")  # the settings' mean, to 6 significant digits
     json.dumps(graded)
 
 

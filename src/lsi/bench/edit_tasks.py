@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from lsi.steer.rome import EditRequest
 
 Ids = tuple[int, ...]
-GRADES = ("efficacy", "paraphrase", "neighbourhood", "preservation", "kl", "dloss")
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: methods may memoize per case
@@ -133,5 +132,5 @@ def _rate(hits: torch.Tensor) -> float:
 def summarize(scores: Sequence[CaseScores]) -> dict[str, float]:
     """Means over cases of every grade, and ``score`` = :func:`harmonic_score` of the mean ES, PS and NS."""
     rows = [asdict(s) for s in scores]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in GRADES}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     return {**mean, "score": harmonic_score(mean["efficacy"], mean["paraphrase"], mean["neighbourhood"])}

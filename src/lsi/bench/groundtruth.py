@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -42,12 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from lsi.bench import metrics
-from lsi.bench.edit_methods import EditMethod, get_edit_methods, load_edit_methods
+from lsi.bench.edit_methods import EDIT, EditMethod, get_edit_methods
 from lsi.bench.edit_tasks import CaseScores, EditTask, measure_case, summarize
-from lsi.bench.registry import LOCATE_METHODS, LocateMethod, MethodOutput, Scores, get_locate_methods
-from lsi.bench.steer_registry import STEER_BASELINES, SteerMethod, get_steer_methods, load_steer_methods
+from lsi.bench.registry import LOCATE, LocateMethod, MethodOutput, Scores, get_locate_methods
+from lsi.bench.steer_registry import STEER, SteerMethod, get_steer_methods
 from lsi.bench.steer_tasks import Point, SteerTask, measure, split_reference
 from lsi.bench.tasks import LocateTask
+from lsi.core.bundle import write_json_atomic
 from lsi.errors import InputError
 from lsi.steer.selection import best_at_kl, reference
 
@@ -83,33 +82,45 @@ def _scores(output: Scores | MethodOutput) -> Scores:
     return output.scores if isinstance(output, MethodOutput) else output
 
 
-def _run_method(lm: Any, task: LocateTask, method: LocateMethod, oracle: Scores) -> dict[str, Any]:
-    reason = method.applies(task)
-    if reason is not None:
-        return {"skipped": reason}
+Draws = list[Scores | MethodOutput]
+
+
+def _timed_run(lm: LanguageModel, task: LocateTask, method: LocateMethod) -> tuple[Draws, float]:
+    """The method's output per draw, and its seconds per draw."""
     start = time.perf_counter()
-    outputs = [method.run(lm, task, seed) for seed in range(method.draws)]
-    graded = [_grade(_scores(o), oracle, task) for o in outputs]
+    draws = [method.run(lm, task, seed) for seed in range(method.draws)]
+    return draws, round((time.perf_counter() - start) / method.draws, 3)
+
+
+def _graded(draws: Draws, seconds: float, oracle: Scores, task: LocateTask) -> dict[str, Any]:
+    graded = [_grade(_scores(o), oracle, task) for o in draws]
     out: dict[str, Any] = {k: sum(g[k] for g in graded) / len(graded) for k in _GRADES}
-    out["seconds"] = round((time.perf_counter() - start) / method.draws, 3)
-    if isinstance(outputs[0], MethodOutput):
-        out["extras"] = outputs[0].extras
+    out["seconds"] = seconds
+    if isinstance(draws[0], MethodOutput):
+        out["extras"] = draws[0].extras
     return out
+
+
+def _run_method(lm: LanguageModel, task: LocateTask, method: LocateMethod, oracle: Scores) -> dict[str, Any]:
+    reason = method.applies(task)
+    return {"skipped": reason} if reason is not None else _graded(*_timed_run(lm, task, method), oracle, task)
 
 
 def run_groundtruth(*, methods: list[str] | None = None, organisms: list[str] | None = None) -> dict[str, Any]:
     """Grade locate methods on the organisms' locate tasks; returns the result as JSON-ready data."""
-    chosen = get_locate_methods(methods)
+    oracle_method, *others = get_locate_methods(methods)  # the oracle first: run once, graded like the others
     result: dict[str, Any] = {"schema": SCHEMA_VERSION, "tasks": [], "skipped_organisms": {}}
     skip = "no locate task: its ground truth grades steer methods or SAEs"
     for name, lm, task in _organism_tasks(organisms, "locate_tasks", skip, result["skipped_organisms"]):
-        oracle = _scores(chosen[0].run(lm, task, 0))  # get_locate_methods puts the oracle first
+        oracle_draws, oracle_seconds = _timed_run(lm, task, oracle_method)
+        oracle = _scores(oracle_draws[0])
         result["tasks"].append({
             "organism": name, "task": task.name, "description": task.description,
             "universe_size": len(task.universe), "planted": sorted(task.planted),
             "planted_are_least_important": task.planted_are_least_important,
             "oracle_scores": oracle, "oracle_margin": oracle_margin(oracle, task),
-            "methods": {m.name: _run_method(lm, task, m, oracle) for m in chosen},
+            "methods": {oracle_method.name: _graded(oracle_draws, oracle_seconds, oracle, task),
+                        **{m.name: _run_method(lm, task, m, oracle) for m in others}},
         })
     return result
 
@@ -133,11 +144,7 @@ def _organism_tasks(organisms: list[str] | None, field: str, skip: str,
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write atomically (a temporary file, then a rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, target)
+    write_json_atomic(path, result)
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -148,32 +155,51 @@ def render_table(result: dict[str, Any]) -> str:
     for task in result["tasks"]:
         lines.append(f"{task['organism']} / {task['task']}: |U|={task['universe_size']}, |G|={len(task['planted'])}, "
                      f"oracle margin {task['oracle_margin']:+.3f}")
-        skipped: dict[str, list[str]] = {}
-        for method, grades in task["methods"].items():
-            if "skipped" in grades:
-                skipped.setdefault(grades["skipped"], []).append(method)
-            else:
-                lines.append(f"    {method:<{width}} {grades['r_precision']:>6.3f} {grades['auroc']:>6.3f} "
-                             f"{grades['average_precision']:>6.3f} {grades['spearman_vs_oracle']:>6.3f} "
-                             f"{grades['seconds']:>7.2f}")
-                if "faithfulness" in grades.get("extras", {}):
-                    lines.append(f"      {_curve_line(grades['extras']['faithfulness'])}")
-        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
-    for name, reason in result["skipped_organisms"].items():
-        lines.append(f"{name}: skipped ({reason})")
+        for method, grades in _graded_methods(task):
+            lines.append(f"    {method:<{width}} {grades['r_precision']:>6.3f} {grades['auroc']:>6.3f} "
+                         f"{grades['average_precision']:>6.3f} {grades['spearman_vs_oracle']:>6.3f} "
+                         f"{grades['seconds']:>7.2f}")
+            if "faithfulness" in grades.get("extras", {}):
+                lines.append(f"      {_curve_line(grades['extras']['faithfulness'])}")
+        lines.extend(_skipped_lines(task))
+    lines.extend(_skipped_organisms(result))
     return "\n".join(lines)
 
 
+def _graded_methods(task: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(method, result)`` of every method of a task's result that was not skipped."""
+    return [(method, graded) for method, graded in task["methods"].items() if "skipped" not in graded]
+
+
+def _skipped_lines(task: dict[str, Any]) -> list[str]:
+    """One table line per reason, naming the methods of a task's result skipped for it."""
+    skipped: dict[str, list[str]] = {}
+    for method, graded in task["methods"].items():
+        if "skipped" in graded:
+            skipped.setdefault(graded["skipped"], []).append(method)
+    return [f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items()]
+
+
+def _skipped_organisms(result: dict[str, Any]) -> list[str]:
+    return [f"{name}: skipped ({reason})" for name, reason in result["skipped_organisms"].items()]
+
+
+def _settings_text(settings: dict[str, Any], *, leave_out: tuple[str, ...] = ()) -> str:
+    """``key=value, ...`` for a table row (floats to 6 significant digits)."""
+    def text(value: Any) -> str:
+        return format(value, ".6g") if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{k}={text(v)}" for k, v in settings.items() if k not in leave_out)
+
+
 # -- steer side -----------------------------------------------------------------------------------------------------
-_POINT_KEYS = ("success", "generalization", "specificity", "fluency", "kl", "dloss")
-
-
 def _mean_point(points: list[Point]) -> dict[str, Any]:
     """A point as JSON, or the mean of several draws' points (a metric is ``None`` if any draw lacks it)."""
     if len(points) == 1:
         return points[0].as_dict()
     rows = [p.as_dict() for p in points]
-    mean = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) / len(rows) for k in _POINT_KEYS}
+    mean = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) / len(rows)
+            for k in rows[0] if k != "settings"}
     return {"settings": {"mean_of_draws": len(rows)}, **mean}
 
 
@@ -198,7 +224,7 @@ def grade_steer_task(lm: LanguageModel, task: SteerTask, methods: list[SteerMeth
     ref = split_reference(lm, task.test)
     unsteered = measure(lm, task.test, ref, None).as_dict()
     unsteered["seconds"] = round(time.perf_counter() - start, 3)
-    run_order = sorted(methods, key=lambda m: m.name in STEER_BASELINES)
+    run_order = sorted(methods, key=lambda m: m.name in STEER.baselines)
     graded = {m.name: _run_steer_method(lm, task, m, ref) for m in run_order}
     return {"organism": task.organism, "task": task.name, "goal": task.goal, "description": task.description,
             "tau": task.tau, "metrics": dict(task.metrics), "unsteered": unsteered,
@@ -225,7 +251,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def _steer_row(name: str, point: dict[str, Any], seconds: float, width: int) -> str:
-    at = ", ".join(f"{k}={v}" for k, v in point["settings"].items() if k != "norm")
+    at = _settings_text(point["settings"], leave_out=("norm",))
     return (f"    {name:<{width}} {_cell(point['success'], '.3f'):>7} {_cell(point['generalization'], '.3f'):>7} "
             f"{_cell(point['specificity'], '.3f'):>7} {_cell(point['fluency'], '.3f'):>7} "
             f"{_cell(point['kl'], '.4f'):>7} {_cell(point['dloss'], '+.4f'):>8} {seconds:>6.2f}  {at}").rstrip()
@@ -249,17 +275,13 @@ def render_steer_table(result: dict[str, Any]) -> str:
         else:
             lines.append(_steer_row("oracle", {**oracle, "kl": None, "dloss": None, "settings": {}}, 0.0, width))
             lines.append(f"      oracle: {task['oracle_note']}")
-        skipped: dict[str, list[str]] = {}
-        for method, graded in task["methods"].items():
-            if "skipped" in graded:
-                skipped.setdefault(graded["skipped"], []).append(method)
-            elif graded["best"] is None:
+        for method, graded in _graded_methods(task):
+            if graded["best"] is None:
                 lines.append(f"    {method:<{width}} no candidate within KL <= {task['tau']:g}")
             else:
                 lines.append(_steer_row(method, graded["best"], graded["seconds"], width))
-        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
-    for name, reason in result["skipped_organisms"].items():
-        lines.append(f"{name}: skipped ({reason})")
+        lines.extend(_skipped_lines(task))
+    lines.extend(_skipped_organisms(result))
     return "\n".join(lines)
 
 
@@ -326,7 +348,7 @@ def run_edit_groundtruth(*, methods: list[str] | None = None, organisms: list[st
 
 
 def _edit_line(name: str, row: dict[str, Any], width: int) -> str:
-    at = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+    at = _settings_text(row["settings"])
     return (f"    {name:<{width}} {row['efficacy']:>6.3f} {row['paraphrase']:>6.3f} {row['neighbourhood']:>6.3f} "
             f"{row['score']:>6.3f} {row['preservation']:>7.3f} {row['kl']:>7.4f} {row['dloss']:>+8.4f} "
             f"{row['seconds']:>6.2f}  {at}").rstrip()
@@ -345,15 +367,10 @@ def render_edit_table(result: dict[str, Any]) -> str:
         lines.append(f"{task['organism']} / {task['task']}: means over {len(task['requests'])} requests{planted}")
         lines.extend(f"      {key}: {text}" for key, text in task["metrics"].items())
         lines.append(_edit_line("unedited", task["unedited"], width))
-        skipped: dict[str, list[str]] = {}
-        for method, graded in task["methods"].items():
-            if "skipped" in graded:
-                skipped.setdefault(graded["skipped"], []).append(method)
-            for row, values in graded.get("rows", {}).items():
-                lines.append(_edit_line(row, values, width))
-        lines.extend(f"    skipped ({reason}): {', '.join(methods)}" for reason, methods in skipped.items())
-    for name, reason in result["skipped_organisms"].items():
-        lines.append(f"{name}: skipped ({reason})")
+        for _, graded in _graded_methods(task):
+            lines.extend(_edit_line(row, values, width) for row, values in graded["rows"].items())
+        lines.extend(_skipped_lines(task))
+    lines.extend(_skipped_organisms(result))
     return "\n".join(lines)
 
 
@@ -365,8 +382,7 @@ def _sides(methods: list[str] | None, kind: str) -> dict[str, list[str] | None]:
         raise InputError(f"a kind in {get_args(Kind)}", repr(kind), "use --kind locate, steer, edit or all")
     if kind != "all" or methods is None:
         return {side: methods for side in (SIDES if kind == "all" else (kind,))}
-    get_locate_methods([])  # loads every registered locate method
-    registered = {"locate": set(LOCATE_METHODS), "steer": set(load_steer_methods()), "edit": set(load_edit_methods())}
+    registered = {registry.side: set(registry.load()) for registry in (LOCATE, STEER, EDIT)}
     unknown = [n for n in methods if not any(n in names for names in registered.values())]
     if unknown:
         listed = ", ".join(f"{side} ones from {sorted(names)}" for side, names in registered.items())

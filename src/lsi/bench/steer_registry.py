@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lsi.bench.registry import select_methods
+from lsi.bench.registry import Registry, always
 
 if TYPE_CHECKING:
     from lsi.bench.steer_tasks import SteerTask
@@ -34,38 +34,16 @@ class Candidate:
     settings: dict[str, Any]
 
 
-def _always(task: SteerTask) -> str | None:
-    return None
-
-
 @dataclass(frozen=True)
 class SteerMethod:
     name: str
     summary: str
     run: Callable[[LanguageModel, SteerTask, int], list[Candidate]]  # (model, task, seed) -> candidates
-    applies: Callable[[SteerTask], str | None] = _always  # None, or why the method does not apply
+    applies: Callable[[SteerTask], str | None] = always  # None, or why the method does not apply
     draws: int = 1  # > 1: graded as the mean over this many seeds (random baselines)
 
 
-STEER_METHODS: dict[str, SteerMethod] = {}
-STEER_BASELINES = ("random",)
-
-
-def register_steer_method(method: SteerMethod) -> SteerMethod:
-    if method.name in STEER_METHODS:
-        raise ValueError(f"a steer method named {method.name!r} is already registered")
-    STEER_METHODS[method.name] = method
-    return method
-
-
-def load_steer_methods() -> dict[str, SteerMethod]:
-    """Every registered steer method (importing :mod:`lsi.bench.steer_methods` registers them)."""
-    from lsi.bench.steer_methods import load_all
-
-    load_all()
-    return STEER_METHODS
-
-
-def get_steer_methods(names: list[str] | None) -> list[SteerMethod]:
-    """The methods to grade: the baselines first, then ``names`` (all registered ones when ``None``)."""
-    return select_methods(load_steer_methods(), names, STEER_BASELINES, "steer")
+STEER = Registry[SteerMethod]("steer", "lsi.bench.steer_methods", baselines=("random",))
+STEER_METHODS = STEER.methods
+register_steer_method = STEER.register
+get_steer_methods = STEER.select

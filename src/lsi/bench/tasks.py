@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 
-
 @dataclass(frozen=True)
 class Split:
     """Inputs (anything ``lm.forward`` takes), a metric of the logits (larger = more of the behaviour), the
@@ -97,3 +96,9 @@ def universe_sites(task: LocateTask) -> list[Site] | None:
 def needs_sites(task: LocateTask) -> str | None:
     """Why a method that scores sites does not apply to ``task`` (``None`` if it does)."""
     return None if universe_sites(task) is not None else "the universe is not concrete sites (e.g. whole layers)"
+
+
+def needs_contrast_sites(task: LocateTask) -> str | None:
+    """Why a method that compares clean and corrupted runs at sites does not apply to ``task`` (``None`` if it
+    does)."""
+    return needs_contrast(task) or needs_sites(task)

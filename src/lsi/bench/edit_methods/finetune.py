@@ -18,6 +18,7 @@ import torch
 
 from lsi.bench.edit_methods import EditMethod, EditOutput, register_edit_method
 from lsi.bench.edit_methods.rome import traced_layer
+from lsi.steer.finetune import masked_finetune, parameter_mask
 
 if TYPE_CHECKING:
     from lsi.bench.edit_tasks import EditCase, EditTask
@@ -34,8 +35,6 @@ def preserve_rows(task: EditTask) -> list[Any]:
 
 
 def _finetune(lm: LanguageModel, task: EditTask, case: EditCase, masked: bool) -> list[EditOutput]:
-    from lsi.steer.finetune import masked_finetune, parameter_mask
-
     batch = lm.to_batch([list(p) for p in case.request.prompts], padding_side="right")
     rows = torch.arange(len(batch.input_ids), device=lm.device)
     last = batch.attention_mask.sum(1) - 1

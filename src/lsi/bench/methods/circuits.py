@@ -4,7 +4,7 @@ Each method scores every edge between the task's clean and corrupted test runs w
 node by the summed ``|score|`` of its incident edges (incoming and outgoing: on the dev splits "both" matched or
 beat either direction alone on every task). They apply to tasks with clean and corrupted runs whose universe is
 circuit nodes (heads, MLP outputs). ACDC needs one forward per edge, so it runs only on head universes (the
-induction graph has 110 edges; the fact-world graph's 479 would take ~40 s single-threaded).
+induction graph has 110 edges; the fact-world graph's 479 take about a minute single-threaded).
 
 Settings (fixed, chosen on the dev splits): EAP-IG with 5 steps; ACDC with ``threshold = 0.01 ×
 |m(clean) − m(corrupt)|``.

@@ -19,7 +19,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast, needs_sites, task_metric
+from lsi.bench.tasks import LocateTask, Run, needs_contrast_sites, needs_sites, task_metric
 from lsi.core.sites import Site
 from lsi.locate.gradients import attribution_patching, gradient_x_input, integrated_gradients
 
@@ -38,10 +38,6 @@ def _layers(task: LocateTask) -> list[int] | None:
 
 def _sites_or_layers(task: LocateTask) -> str | None:
     return None if _layers(task) is not None else needs_sites(task)
-
-
-def _needs_runs(task: LocateTask) -> str | None:
-    return needs_contrast(task) or needs_sites(task)
 
 
 def _objects(task: LocateTask) -> tuple[list[str], dict[str, str]]:
@@ -104,7 +100,7 @@ def _run_integrated_gradients(lm: LanguageModel, task: LocateTask, seed: int) ->
 
 register_locate_method(LocateMethod(
     "attribution_patching", "first-order denoising estimate (o_clean - o_corrupt) . grad F|corrupt, all positions",
-    _run_attribution_patching, _needs_runs))
+    _run_attribution_patching, needs_contrast_sites))
 register_locate_method(LocateMethod(
     "gradient_x_input", "first-order removal estimate grad F . (o - baseline): zeros for sites, the input for layers",
     _run_gradient_x_input, _sites_or_layers))

@@ -16,15 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast, needs_sites, task_metric, universe_sites
+from lsi.bench.tasks import LocateTask, Run, needs_contrast_sites, needs_sites, task_metric, universe_sites
 from lsi.locate.patching import AblationKind, Direction, ablation, activation_patching
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-
-
-def _has_runs(task: LocateTask) -> str | None:
-    return needs_contrast(task) or needs_sites(task)
 
 
 def _units(task: LocateTask) -> str | None:
@@ -57,10 +53,10 @@ def _ablation(kind: AblationKind) -> Any:
 
 register_locate_method(LocateMethod(
     "activation_patching", "denoising activation patching (clean object into the corrupted run), |normalized|",
-    _patching("denoise"), applies=_has_runs))
+    _patching("denoise"), applies=needs_contrast_sites))
 register_locate_method(LocateMethod(
     "activation_patching_noising", "noising activation patching (corrupted object into the clean run), "
-    "|1 - normalized|", _patching("noise"), applies=_has_runs))
+    "|1 - normalized|", _patching("noise"), applies=needs_contrast_sites))
 register_locate_method(LocateMethod(
     "mean_ablation", "|ΔF| when one head / neuron takes its mean over the dev inputs", _ablation("mean"),
     applies=_units))

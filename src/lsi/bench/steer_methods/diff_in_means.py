@@ -1,6 +1,6 @@
 """Steer methods built on the difference in means ``v = μ⁺ − μ⁻`` of a task's dev contrast sets
-(:func:`lsi.steer.directions.diff_in_means`), read at every layer's input ``blocks.{l}.resid_pre`` and at each of
-the task's read positions (vectors that are zero, e.g. the embedding of a template token, are left out).
+(:func:`lsi.steer.directions.diff_in_means_by_site`), read at every layer's input ``blocks.{l}.resid_pre`` and at
+each of the task's read positions (vectors that are zero, e.g. the embedding of a template token, are left out).
 
 - ``diff_in_means_addition`` (contrastive activation addition): ``AddVector(site, v, ±alpha)`` at every position
   of the chosen layer's input, for alpha in :data:`ALPHAS` (``+`` to induce the behaviour, ``−`` to remove it).
@@ -27,7 +27,7 @@ from lsi.bench.steer_tasks import SteerTask, split_reference
 from lsi.errors import InputError
 from lsi.steer.ablation import AddVector, DirectionalAblation
 from lsi.steer.base import Steering
-from lsi.steer.directions import diff_in_means
+from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.selection import grid, select
 
 if TYPE_CHECKING:
@@ -39,20 +39,20 @@ Choice = tuple[str, "PositionSpec", torch.Tensor]  # (site, read position, v)
 Steerings = Callable[[str, torch.Tensor], Iterable[tuple[dict[str, Any], Steering]]]  # (site, v) -> (settings, s)
 
 
-def directions(lm: LanguageModel, task: SteerTask) -> list[Choice]:
-    """``μ⁺ − μ⁻`` of the dev contrast at every layer input and read position (non-zero vectors only)."""
-    out = []
-    for layer in range(lm.dims.n_layers):
-        site = f"blocks.{layer}.resid_pre"
-        for position in task.positions:
-            v = diff_in_means(lm, task.dev.positive, task.dev.negative, site, positions=position)
-            if float(v.norm()) > 1e-6:
-                out.append((site, position, v))
+@functools.lru_cache(maxsize=8)  # shared by every method of a task (tasks hash by identity)
+def directions(lm: LanguageModel, task: SteerTask) -> tuple[Choice, ...]:
+    """``μ⁺ − μ⁻`` of the dev contrast at every layer input and read position (non-zero vectors only), from one
+    pass over each dev set per read position."""
+    sites = [f"blocks.{layer}.resid_pre" for layer in range(lm.dims.n_layers)]
+    by_position = [diff_in_means_by_site(lm, task.dev.positive, task.dev.negative, sites, positions=position)
+                   for position in task.positions]
+    out = [(site, position, by_site[site]) for site in sites
+           for position, by_site in zip(task.positions, by_position, strict=True) if float(by_site[site].norm()) > 1e-6]
     if not out:
         raise InputError("dev contrast sets whose means differ at some layer input and read position",
                          f"identical means at every blocks.*.resid_pre and positions {list(task.positions)}",
                          "give the task positive and negative inputs that differ (or other read positions)")
-    return out
+    return tuple(out)
 
 
 def choose_on_dev(lm: LanguageModel, task: SteerTask, steerings: Steerings,
@@ -61,7 +61,7 @@ def choose_on_dev(lm: LanguageModel, task: SteerTask, steerings: Steerings,
     ``({"alpha": a}, steering)`` walked up only until it leaves the KL budget) reach the highest dev success within
     the task's KL budget, ties → lower KL; without any candidate within it, the one of lowest KL
     (:func:`lsi.steer.selection.select` over every choice's candidates)."""
-    options = directions(lm, task) if choices is None else list(choices)
+    options = directions(lm, task) if choices is None else tuple(choices)
     candidates = (({"choice": i, **settings}, steering) for i, (site, _, v) in enumerate(options)
                   for settings, steering in steerings(site, v))
     sel = select(lm, candidates, success=lambda model: task.dev.measure(model).success,
