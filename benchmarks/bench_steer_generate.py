@@ -150,6 +150,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prompt_ids(lm: lsi.LanguageModel, batch: int, prompt: int, device: torch.device) -> torch.Tensor:
+    """The seeded random prompt ids ``[batch, prompt]`` every condition generates from."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(3, lm.dims.vocab, (batch, prompt), generator=gen).to(device)
+
+
 def conditions(lm: lsi.LanguageModel, ids: torch.Tensor, new: int) -> dict[str, Callable[[], torch.Tensor]]:
     """Each condition as a zero-argument call returning the generated ids ``[batch, prompt + new]``."""
     add, ablation = steerings(lm)
@@ -184,9 +190,7 @@ def conditions(lm: lsi.LanguageModel, ids: torch.Tensor, new: int) -> dict[str, 
 
 def bench(lm: lsi.LanguageModel, batch: int, prompt: int, new: int, *, warmup: int, repeats: int,
           device: torch.device) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, lm.dims.vocab, (batch, prompt), generator=gen).to(device)
-    fns = conditions(lm, ids, new)
+    fns = conditions(lm, prompt_ids(lm, batch, prompt, device), new)
     keys = [c[0] for c in CONDITIONS]
     wall: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, list[float]] = {k: [] for k in keys}
@@ -225,8 +229,7 @@ def profile(lm: lsi.LanguageModel, batch: int, prompt: int, new: int, device: to
     """cProfile one generate per lsi steered condition: the share of time inside lsi's hooks, lsi's functions by
     cumulative time, and the top functions by own time (cProfile slows Python code more than kernels, so shares
     of Python work are upper bounds)."""
-    ids = torch.randint(3, lm.dims.vocab, (batch, prompt), generator=torch.Generator().manual_seed(1)).to(device)
-    fns = conditions(lm, ids, new)
+    fns = conditions(lm, prompt_ids(lm, batch, prompt, device), new)
     hooks_file = os.path.join("lsi", "core", "hooks.py")
     report = {}
     for key in ("lsi_add", "lsi_ablate"):

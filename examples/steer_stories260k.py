@@ -28,7 +28,7 @@ import torch
 import lsi
 from lsi.steer.ablation import AddVector
 from lsi.steer.base import Steering
-from lsi.steer.directions import diff_in_means
+from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.export import export_hf
 from lsi.steer.selection import Selection, grid, measured, reference, select
 
@@ -136,8 +136,9 @@ def setup() -> Setup:
     """Load the model, compute one vector per layer, and choose layer and strength on the dev split."""
     lm = lsi.load(STORIES)
     boys, girls = contrast_sets()
-    vectors = {layer: diff_in_means(lm, boys, girls, f"blocks.{layer}.resid_pre", positions="all")
-               for layer in LAYERS}
+    by_site = diff_in_means_by_site(lm, boys, girls, [f"blocks.{layer}.resid_pre" for layer in LAYERS],
+                                    positions="all")  # one pass over each contrast set for every layer
+    vectors = {layer: by_site[f"blocks.{layer}.resid_pre"] for layer in LAYERS}
     print(f"contrast sets: {len(boys)} sentences about boys, {len(girls)} about girls; diff-in-means over all tokens")
     print("|v| per layer: " + ", ".join(f"L{layer} {float(v.norm()):.2f}" for layer, v in vectors.items()))
     candidates = grid(lambda layer, alpha: AddVector(f"blocks.{layer}.resid_pre", vectors[layer], alpha, model=lm),

@@ -17,7 +17,7 @@ from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
 from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
 from lsi.steer.base import Composed, Steering, apply_all
-from lsi.steer.directions import diff_in_means
+from lsi.steer.directions import diff_in_means, diff_in_means_by_site
 
 FOLDABLE = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3")
 IDS = torch.randint(3, 97, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -218,11 +218,14 @@ def gate():
     lm = load_organism("refusal_gate")
     splits = ground_truth("refusal_gate")["splits"]
     dev = splits["dev"]
+    # layer 0's input is the embedding: identical templates, no signal
+    sites = [f"blocks.{layer}.resid_pre" for layer in range(1, lm.dims.n_layers)]
+    positions = range(-len(rg.POST_INSTRUCTION), 0)
+    candidates = {p: diff_in_means_by_site(lm, dev["harmful"], dev["harmless"], sites, positions=p) for p in positions}
     best = None
-    for layer in range(1, lm.dims.n_layers):  # layer 0's input is the embedding: identical templates, no signal
-        for position in range(-len(rg.POST_INSTRUCTION), 0):
-            site = f"blocks.{layer}.resid_pre"
-            v = diff_in_means(lm, dev["harmful"], dev["harmless"], site, positions=position)
+    for site in sites:
+        for position in positions:
+            v = candidates[position][site]
             with DirectionalAblation(v).apply(lm):
                 rates = rg._rates(lm, dev, [])
             key = (rates["harmful_refusal"], -rates["harmless_accuracy"])

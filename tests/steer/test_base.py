@@ -101,7 +101,10 @@ def test_bad_deltas_are_refused(tiny_lm):
     bad[0, 0] = float("nan")
     with pytest.raises(NonFiniteSteeringError):
         WeightEdit.of(lm, {DOWN["llama"]: bad})
-    assert weights_fingerprint(lm, [DOWN["llama"]]) == weights_fingerprint(lm, [DOWN["llama"]])
+    before = weights_fingerprint(lm, [DOWN["llama"]])
+    with added_to_weights(lm, {DOWN["llama"]: torch.full(bad.shape, 1e-6)}):
+        assert weights_fingerprint(lm, [DOWN["llama"]]) != before  # any change of the weights shows
+    assert weights_fingerprint(lm, [DOWN["llama"]]) == before
 
 
 @pytest.mark.integration

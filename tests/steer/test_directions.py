@@ -1,5 +1,6 @@
-"""Steering directions: diff-in-means against a per-example reference and a planted embedding difference, PCA of
-paired differences against a direct SVD, probe directions on planted data, padding and bad input."""
+"""Steering directions: diff-in-means against a per-example reference and a planted embedding difference (several
+sites from one pass per batch), PCA of paired differences against a direct SVD, probe directions on planted data,
+padding and bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import torch
 
 from lsi.core.positions import Index, Match
 from lsi.errors import InputError
-from lsi.steer.directions import diff_in_means, pca_of_differences, probe_direction, site_features
+from lsi.steer.directions import (
+    diff_in_means,
+    diff_in_means_by_site,
+    pca_of_differences,
+    probe_direction,
+    site_features,
+)
 
 POSITIVE = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
 NEGATIVE = [[20, 21, 22], [23, 24, 25, 26, 27, 28], [29, 30]]
@@ -37,6 +44,25 @@ def test_diff_in_means_matches_unpadded_per_example_reference(tiny_lm, positions
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     streamed = diff_in_means(lm, POSITIVE, NEGATIVE, SITE, positions=positions, batch_size=1)
     torch.testing.assert_close(streamed, got, atol=1e-7, rtol=0)
+
+
+@pytest.mark.unit
+def test_diff_in_means_by_site_reads_every_site_from_one_pass_per_batch(tiny_lm):
+    lm = tiny_lm("llama")
+    sites = ["blocks.*.resid_pre", SITE, "blocks.0.attn.head_out[1]", "blocks.0.attn.head_out[2]"]
+    passes: list[int] = []
+    handle = lm.model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        got = diff_in_means_by_site(lm, POSITIVE, NEGATIVE, sites, positions="all", batch_size=2)
+    finally:
+        handle.remove()
+    assert len(passes) == 4  # 2 batches of 4 positive rows + 2 of 3 negative rows, whatever the number of sites
+    assert list(got) == ["blocks.0.resid_pre", "blocks.1.resid_pre", SITE, "blocks.0.attn.head_out[1]",
+                         "blocks.0.attn.head_out[2]"]
+    for site, v in got.items():
+        want = _reference_mean(lm, POSITIVE, site, "all") - _reference_mean(lm, NEGATIVE, site, "all")
+        torch.testing.assert_close(v, want, atol=1e-6, rtol=0)
+        assert torch.equal(v, diff_in_means(lm, POSITIVE, NEGATIVE, site, positions="all", batch_size=2)), site
 
 
 @pytest.mark.unit

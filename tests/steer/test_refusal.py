@@ -16,6 +16,7 @@ from lsi.errors import InputError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
 from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
+from lsi.steer.directions import diff_in_means
 from lsi.steer.refusal import refusal_score, select_refusal_direction
 from lsi.testing import tiny_model
 
@@ -61,10 +62,11 @@ def tiny_result():
 
 @pytest.mark.unit
 def test_every_candidate_is_scored_and_filtered_as_the_protocol_says(tiny_result):
-    _, result = tiny_result
+    lm, result = tiny_result
     cands = result.candidates
     assert [(c.layer, c.position) for c in cands] == [(layer, p) for layer in range(4) for p in ("-2", "-1")]
     for c in cands:
+        assert torch.equal(c.direction, diff_in_means(lm, HARMFUL, HARMLESS, c.site, positions=int(c.position)))
         if c.layer == 0:  # the input of layer 0 is the template token's embedding in every prompt: no direction
             assert c.filters[0] == "zero" and c.bypass is None and float(c.direction.norm()) == 0.0
             continue

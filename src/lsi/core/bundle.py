@@ -1,6 +1,7 @@
 """Bundles: a JSON file of metadata beside a safetensors file of tensors, written atomically, never pickled.
 
-Results, lenses and interventions save this way: ``path.json`` and ``path.safetensors`` share a base name.
+Results, lenses, steerings and key statistics save this way: ``path.json`` and ``path.safetensors`` share a base
+name. The two atomic writers underneath serve any JSON or safetensors file (e.g. the activation store's shards).
 
 Example:
     >>> import tempfile, torch
@@ -23,20 +24,35 @@ import torch
 from lsi.errors import InputError
 
 
-def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``path.safetensors`` then ``path.json`` (each through a temporary file and a rename); returns the
-    JSON path."""
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON through a temporary file and a rename (no reader sees half a file);
+    returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` (detached, on the CPU, contiguous) as safetensors through a temporary file and a rename;
+    returns the path."""
     from safetensors.torch import save_file
 
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write ``path.safetensors`` then ``path.json`` (each atomically); returns the JSON path."""
     base = Path(path).with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    for suffix, write in ((".safetensors", lambda p: save_file(contiguous, str(p))),
-                          (".json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))):
-        tmp = base.with_suffix(suffix + ".tmp")
-        write(tmp)
-        os.replace(tmp, base.with_suffix(suffix))
-    return base.with_suffix(".json")
+    save_tensors_atomic(base.with_suffix(".safetensors"), tensors)
+    return write_json_atomic(base.with_suffix(".json"), meta)
 
 
 def load_bundle(path: str | Path, *, what: str, fix: str, format: int) -> tuple[dict[str, torch.Tensor],

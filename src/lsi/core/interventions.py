@@ -66,6 +66,8 @@ def _to(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _check_broadcast(value: torch.Tensor, x: torch.Tensor, what: str, site: Site) -> None:
+    if value.shape == x.shape[-1:]:  # the common case (one vector) needs no broadcast check
+        return
     try:
         torch.broadcast_shapes(value.shape, x.shape)
     except RuntimeError:
@@ -114,8 +116,7 @@ class Add(Intervention):
         super().__init__(site=site, positions=positions, scope=scope)  # type: ignore[arg-type]
 
     def transform(self, x: torch.Tensor, ctx: OpContext | None) -> torch.Tensor:
-        if self.vector.shape != x.shape[-1:]:  # the common case (one vector) needs no broadcast check
-            _check_broadcast(self.vector, x, "vector", self.site)
+        _check_broadcast(self.vector, x, "vector", self.site)
         return x + self.alpha * _to(self.vector, x)
 
 

@@ -16,14 +16,14 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lsi.core.bundle import save_tensors_atomic, write_json_atomic
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import Site
 from lsi.errors import InputError, StoreError
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 _INDEX_COLUMNS = ("example", "position")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _flatten(cache_value: torch.Tensor, keep: torch.Tensor, axis: int) -> torch.Tensor:
@@ -92,12 +86,10 @@ def cache_to_disk(lm: LanguageModel, dataset: Sequence[Any], sites: SiteSpec, ou
                 value = grid
             flat = _flatten(value, keep, s.info.position_axis)
             tensors[str(s)] = (flat.to(dtype) if dtype else flat).contiguous()
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / name)
+        save_tensors_atomic(out / name, tensors)
         manifest["shards"].append({"file": name, "examples": [start, start + len(items)],
                                    "rows": int(keep.sum())})
-        _write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
     return ActivationStore(out)
 
 

@@ -1,17 +1,19 @@
 """Private helpers shared by the two_languages, binary_attribute and refusal_gate organisms.
 
 Batching of word sequences, per-document negative log-likelihood, seeded sampling through any forward function
-(so that ``lsi`` interventions apply), and a rank-based AUROC. Verification goes through these, not through any
-graded locate or steer method.
+(so that ``lsi`` interventions apply) and continuations through ``lm.generate`` as words. Verification goes
+through these, not through any graded locate or steer method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+    from lsi.core.model import LanguageModel
 
 ForwardFn = Callable[["torch.Tensor"], "torch.Tensor"]  # ids [b, p] -> logits [b, p, vocab]
 
@@ -55,6 +57,21 @@ def mean_nll(forward: ForwardFn, seqs: Sequence[Sequence[int]], pad_id: int, *, 
             total += float(nll[m].sum())
             count += int(m.sum())
     return total / max(count, 1)
+
+
+def generated_words(lm: LanguageModel, prompts: Sequence[Sequence[str]], max_new_tokens: int,
+                    **generate_kwargs: Any) -> list[list[str]]:
+    """The continuations of word prompts through ``lm.generate`` (so an applied steering acts on them), as words,
+    each cut after its first ``<eos>``."""
+    tok = lm.tokenizer
+    vocab = tok.get_vocab()
+    seqs = [encode(vocab, p) for p in prompts]
+    ids = lm.generate(seqs, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, **generate_kwargs)
+    out = []
+    for row in ids[:, max(len(s) for s in seqs):].tolist():  # left-padded: the prompts end at the same column
+        words = tok.convert_ids_to_tokens(row)
+        out.append(words[: words.index("<eos>") + 1] if "<eos>" in words else words)
+    return out
 
 
 def sample(

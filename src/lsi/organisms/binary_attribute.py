@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.metrics import auroc
-from lsi.organisms._common import encode, pad_right, sample
+from lsi.organisms._common import encode, generated_words, pad_right, sample
 from lsi.organisms.base import Check, Organism, VerifyReport
 from lsi.organisms.training import build_word_tokenizer, new_model, save_organism, seed_everything, train_lm
 
@@ -283,17 +283,9 @@ def _sampled(lm: LanguageModel, prompts: list[dict[str, Any]], seed: int) -> lis
     steering acts on them."""
     import torch
 
-    tok = lm.tokenizer
-    vocab = tok.get_vocab()
-    seqs = [encode(vocab, p["text"].split()) for p in prompts]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        ids = lm.generate(seqs, max_new_tokens=40, do_sample=True, eos_token_id=tok.eos_token_id)
-    out = []
-    for row in ids[:, max(len(s) for s in seqs):].tolist():
-        words = tok.convert_ids_to_tokens(row)
-        out.append(words[: words.index("<eos>") + 1] if "<eos>" in words else words)
-    return out
+        return generated_words(lm, [p["text"].split() for p in prompts], 40, do_sample=True)
 
 
 def _attribute_scores(lm: LanguageModel, split: dict[str, Any], seed: int) -> SteerScores:

@@ -215,9 +215,11 @@ def fact_accuracy(lm: LanguageModel, facts: list[dict[str, str]], templates: str
 def object_prob(logits: torch.Tensor, answer_pos: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
     """Probability ``[rows]`` of each row's object at its answer position (differentiable).
 
-    Example:
-        >>> ids, answer_pos, _, objects = encode_prompts(lm.tokenizer, facts, "train")
-        >>> object_prob(lm.forward(ids), answer_pos, objects).mean()
+    Example (row 0 puts all its mass on its object, row 1 on another token):
+        >>> import torch
+        >>> logits = torch.zeros(2, 3, 4); logits[0, 1, 2] = logits[1, 2, 3] = 30.0
+        >>> object_prob(logits, torch.tensor([1, 2]), torch.tensor([2, 0])).round(decimals=3).tolist()
+        [1.0, 0.0]
     """
     import torch
 
@@ -230,8 +232,13 @@ def subject_noise(embed: torch.Tensor, real: torch.Tensor, subject: torch.Tensor
     """Causal-tracing noise ``[samples, *embed.shape]``: Gaussian with std ``NOISE_SCALE`` x the std of the clean
     embeddings ``embed`` over the ``real`` (non-pad) tokens, on the ``subject`` tokens only (zero elsewhere).
 
-    Example:
-        >>> noise = subject_noise(cache["embed"], ids != pad_id, span, torch.Generator().manual_seed(0), samples=4)
+    Example (one row of three tokens, the last a pad; the subject is the middle token):
+        >>> import torch
+        >>> embed, real = torch.randn(1, 3, 8), torch.tensor([[True, True, False]])
+        >>> subject = torch.tensor([[False, True, False]])
+        >>> noise = subject_noise(embed, real, subject, torch.Generator().manual_seed(0), samples=4)
+        >>> tuple(noise.shape), noise[:, 0].abs().sum((0, 2)).gt(0).tolist()
+        ((4, 1, 3, 8), [False, True, False])
     """
     import torch
 
@@ -246,9 +253,12 @@ def tracing_effects(lm: LanguageModel, ground_truth: dict[str, Any], templates: 
     fact's templates and ``samples`` noise draws. One forward pass per draw, over the batch repeated once for
     the noise alone and once per restored layer.
 
-    Example:
-        >>> effects = tracing_effects(lm, ground_truth)
-        >>> share_at_layer = (effects.argmax(-1) == ground_truth["layer"]).float().mean()
+    Example (one noise draw on the committed organism: l* is the argmax layer for nearly every fact):
+        >>> from lsi.organisms.registry import ground_truth, load_organism
+        >>> lm, truth = load_organism("fact_world"), ground_truth("fact_world")
+        >>> effects = tracing_effects(lm, truth, samples=1)
+        >>> tuple(effects.shape), (effects.argmax(-1) == truth["layer"]).float().mean().item() > 0.9
+        ((128, 4), True)
     """
     import torch
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsi.organisms._common import encode, pad_right, sample
+from lsi.organisms._common import encode, generated_words, pad_right, sample
 from lsi.organisms.base import Check, Organism, VerifyReport
 from lsi.organisms.training import build_word_tokenizer, new_model, save_organism, seed_everything, train_lm
 
@@ -264,15 +264,7 @@ def _request_kinds(split: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def _generated_replies(lm: LanguageModel, texts: list[str]) -> list[list[str]]:
     """Greedy replies (up to 8 tokens, ``<eos>`` included) through ``lm.generate``, so an applied steering acts."""
-    tok = lm.tokenizer
-    vocab = tok.get_vocab()
-    seqs = [encode(vocab, t.split()) for t in texts]
-    ids = lm.generate(seqs, max_new_tokens=8, eos_token_id=tok.eos_token_id)
-    replies = []
-    for row in ids[:, max(len(s) for s in seqs):].tolist():
-        words = tok.convert_ids_to_tokens(row)
-        replies.append(words[: words.index("<eos>") + 1] if "<eos>" in words else words)
-    return replies
+    return generated_words(lm, [t.split() for t in texts], 8)
 
 
 def _well_formed(reply: list[str]) -> bool:

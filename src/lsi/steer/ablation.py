@@ -101,8 +101,9 @@ class DirectionalAblation(Steering):
 
         def project(x: torch.Tensor) -> torch.Tensor:
             key = (x.device, x.dtype)
-            rr = converted[key] if key in converted else converted.setdefault(key, r.to(device=x.device,
-                                                                                          dtype=x.dtype))
+            if key not in converted:
+                converted[key] = r.to(device=x.device, dtype=x.dtype)
+            rr = converted[key]
             return x - (x @ rr)[..., None] * rr
 
         return [Apply(s, project) for s in self.sites]
@@ -261,13 +262,10 @@ def orthogonalize(lm: LanguageModel, direction: torch.Tensor, *, copy: bool = Tr
         >>> float((edited.weights.W_E @ r).abs().max()) < 1e-5
         True
     """
-    r = finite_vector(direction, "direction").double()
+    r = DirectionalAblation(direction).unit  # checked finite, one vector, non-zero
     if r.numel() != lm.dims.d_model:
         raise ShapeMismatchError(f"a direction of size d_model={lm.dims.d_model}", f"size {r.numel()}",
                                  "compute it at a residual site of this model")
-    if float(r.norm()) == 0.0:
-        raise InputError("a non-zero direction", "the zero vector", "check that the two sets differ")
-    r = r / r.norm()
     residual_writers(lm)  # refuses post-norm families before any copy
     target = copy_model(lm) if copy else lm
     untie_embeddings(target)

@@ -2,7 +2,8 @@
 
 Every direction is read at one site whose value is ``[batch, pos, d]`` (residual states, ``attn.out``,
 ``mlp.out``, one head's ``attn.head_out[h]``, ...) at chosen real-token positions (padding-aware: ``"last"`` is
-each row's last real token whatever the padding side). Inputs are streamed ``batch_size`` rows at a time.
+each row's last real token whatever the padding side); :func:`diff_in_means_by_site` reads several sites from the
+same forward passes. Inputs are streamed ``batch_size`` rows at a time.
 Results are float32 CPU tensors; :func:`diff_in_means` is in the site's activation units (add it as is with
 ``alpha=1`` to move the negative mean onto the positive one), :func:`pca_of_differences` and
 :func:`probe_direction` are unit vectors.
@@ -18,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,13 +35,7 @@ if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 
-def one_site(lm: LanguageModel, site: str | Site) -> Site:
-    """The single concrete site ``site`` names, checked to hold one vector per position."""
-    sites = lm.resolve_sites(site)
-    if len(sites) != 1:
-        raise InputError("one concrete site", f"{site!r} (expands to {len(sites)} sites)",
-                         "name one layer, e.g. 'blocks.2.resid_pre'")
-    s = sites[0]
+def _check_vector_site(lm: LanguageModel, s: Site) -> Site:
     if s.info.position_axis != 1 or len(lm.site_shape(s)) != 3:
         raise InputError("a site with one vector per position ([batch, pos, d])",
                          f"{s} of shape {lm.site_shape(s)}",
@@ -48,20 +43,56 @@ def one_site(lm: LanguageModel, site: str | Site) -> Site:
     return s
 
 
-def _sums(lm: LanguageModel, inputs: Inputs | Batch, site: Site, positions: PositionSpec,
-          batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per chunk: the sum of the site's value over each row's selected positions ``[b, d]`` (float64) and the
-    number of positions selected per row ``[b]``."""
+def one_site(lm: LanguageModel, site: str | Site) -> Site:
+    """The single concrete site ``site`` names, checked to hold one vector per position."""
+    sites = lm.resolve_sites(site)
+    if len(sites) != 1:
+        raise InputError("one concrete site", f"{site!r} (expands to {len(sites)} sites)",
+                         "name one layer, e.g. 'blocks.2.resid_pre'")
+    return _check_vector_site(lm, sites[0])
+
+
+def _sums(lm: LanguageModel, inputs: Inputs | Batch, sites: list[Site], positions: PositionSpec,
+          batch_size: int) -> Iterator[tuple[dict[Site, torch.Tensor], torch.Tensor]]:
+    """Per chunk, from one forward pass: the sum of each site's value over each row's selected positions
+    ``{site: [b, d]}`` (float64) and the number of positions selected per row ``[b]``."""
     selector = as_positions(positions)
     for batch in lm.batches(inputs, batch_size):
-        value = lm.run_with_cache(batch, sites=[site])[site]
-        mask = selector.mask(batch.input_ids, batch.attention_mask).to(value.device)
+        mask = selector.mask(batch.input_ids, batch.attention_mask)
         counts = mask.sum(1)
         if bool((counts == 0).any()):
             rows = torch.nonzero(counts == 0).flatten().tolist()
             raise InputError(f"positions={selector} to select at least one real token in every row",
                              f"no token selected in rows {rows[:10]} of a batch", "choose positions every input has")
-        yield (value.double() * mask[..., None]).sum(1).cpu(), counts.cpu()
+        cache = lm.run_with_cache(batch, sites=sites)
+        yield {s: (cache[s].double() * mask.to(cache[s].device)[..., None]).sum(1).cpu() for s in sites}, counts.cpu()
+
+
+def diff_in_means_by_site(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs | Batch,
+                          sites: str | Site | Sequence[str | Site], *, positions: PositionSpec = "last",
+                          batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """:func:`diff_in_means` at every site ``sites`` names (patterns expand, e.g. ``"blocks.*.resid_pre"``), keyed
+    by concrete site name, from one forward pass per batch of each input set whatever the number of sites.
+
+    Example:
+        >>> import lsi
+        >>> from lsi.testing import tiny_model
+        >>> lm = lsi.LanguageModel(tiny_model("llama"))
+        >>> by_site = diff_in_means_by_site(lm, [[3, 10]], [[3, 11]], "blocks.*.resid_pre")
+        >>> list(by_site), tuple(by_site["blocks.1.resid_pre"].shape)
+        (['blocks.0.resid_pre', 'blocks.1.resid_pre'], (32,))
+    """
+    concrete = [_check_vector_site(lm, s) for s in lm.resolve_sites(sites)]
+
+    def means(inputs: Inputs | Batch) -> dict[Site, torch.Tensor]:
+        totals, count = dict.fromkeys(concrete, torch.zeros((), dtype=torch.float64)), 0
+        for sums, counts in _sums(lm, inputs, concrete, positions, batch_size):
+            totals = {s: totals[s] + sums[s].sum(0) for s in concrete}
+            count += int(counts.sum())
+        return {s: total / count for s, total in totals.items()}
+
+    mean_positive, mean_negative = means(positive), means(negative)
+    return {str(s): (mean_positive[s] - mean_negative[s]).float() for s in concrete}
 
 
 def diff_in_means(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs | Batch, site: str | Site, *,
@@ -69,7 +100,8 @@ def diff_in_means(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs 
     """``μ⁺ − μ⁻``: the mean of ``site``'s value over every selected real token of the positive inputs minus the
     same mean over the negative inputs (token-weighted: with ``positions="all"`` a longer input counts more).
 
-    Returns ``[d]`` (``d_model`` for residual sites) in activation units, float32 on the CPU.
+    Returns ``[d]`` (``d_model`` for residual sites) in activation units, float32 on the CPU. Several sites:
+    :func:`diff_in_means_by_site` (one pass for all).
 
     Example:
         >>> import lsi
@@ -81,15 +113,7 @@ def diff_in_means(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs 
         True
     """
     s = one_site(lm, site)
-
-    def mean(inputs: Inputs | Batch) -> torch.Tensor:
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for sums, counts in _sums(lm, inputs, s, positions, batch_size):
-            total = total + sums.sum(0)
-            count += int(counts.sum())
-        return total / count
-
-    return (mean(positive) - mean(negative)).float()
+    return diff_in_means_by_site(lm, positive, negative, s, positions=positions, batch_size=batch_size)[str(s)]
 
 
 def site_features(lm: LanguageModel, inputs: Inputs | Batch, site: str | Site, *, positions: PositionSpec = "last",
@@ -105,7 +129,7 @@ def site_features(lm: LanguageModel, inputs: Inputs | Batch, site: str | Site, *
         (2, 32)
     """
     s = one_site(lm, site)
-    rows = [sums / counts[:, None] for sums, counts in _sums(lm, inputs, s, positions, batch_size)]
+    rows = [sums[s] / counts[:, None] for sums, counts in _sums(lm, inputs, [s], positions, batch_size)]
     return torch.cat(rows).float()
 
 

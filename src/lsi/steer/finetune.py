@@ -385,7 +385,7 @@ def masked_finetune(lm: LanguageModel, loss_fn: LossFn, mask: ParameterMask | No
             torch.manual_seed(seed)
             losses = _train(lm, loss_fn, trained, mask, saved, steps=steps, lr=lr, weight_decay=weight_decay,
                             preserve=(batch, reference), kl_weight=kl_weight)
-        deltas = {n: p.detach().float() - saved[n].float() for n, p in trained.items()}
+        deltas = {n: p.detach().float() - saved[n].float() for n, p in trained.items()}  # 0 outside the mask (_train)
     finally:
         with torch.no_grad():
             for n, p in trained.items():
@@ -397,8 +397,6 @@ def masked_finetune(lm: LanguageModel, loss_fn: LossFn, mask: ParameterMask | No
     info = {"steps": steps, "lr": lr, "kl_weight": kl_weight, "weight_decay": weight_decay, "seed": seed,
             "targets": list(mask.targets) if mask is not None else "all", "mask_entries": entries,
             "final_loss": losses[-1]._asdict()}
-    if mask is not None:
-        deltas = mask.restrict(deltas)
     label = "finetune" if mask is None else "masked_finetune"
     return FinetuneResult(WeightEdit.of(lm, deltas, label=label, info=info), losses)
 

@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lsi.core.positions import Index, Last, Positions, PositionSpec, as_positions
+from lsi.core.positions import Index, Positions, PositionSpec, as_positions
 from lsi.errors import InputError
+from lsi.locate.metrics import last_positions
 from lsi.steer.ablation import AddVector, DirectionalAblation
 from lsi.steer.base import ModelSignature, Steering
-from lsi.steer.directions import diff_in_means
+from lsi.steer.directions import diff_in_means_by_site
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
@@ -56,7 +57,7 @@ def _last_logprobs(lm: LanguageModel, inputs: Inputs | Batch, batch_size: int) -
     """Log-probabilities ``[n, vocab]`` (float64) of the next token after each prompt's last real token."""
     rows = []
     for batch in lm.batches(inputs, batch_size):
-        last = Last().index(batch.input_ids, batch.attention_mask)[:, 0]
+        last = last_positions(batch.attention_mask)
         logits = lm.forward(batch)[torch.arange(len(last)), last]
         rows.append(logits.double().log_softmax(-1).cpu())
     return torch.cat(rows)
@@ -233,11 +234,13 @@ def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmles
 
     base_harmless, harmless_scores = scores(harmless_val)
     baseline = {"harmful": float(scores(harmful_val)[1].mean()), "harmless": float(harmless_scores.mean())}
+    sites = [f"blocks.{layer}.resid_pre" for layer in chosen_layers]
+    by_position = [diff_in_means_by_site(lm, harmful, harmless, sites, positions=position, batch_size=batch_size)
+                   for position in selectors]
     candidates = []
-    for layer in chosen_layers:
-        site = f"blocks.{layer}.resid_pre"
-        for position in selectors:
-            r = diff_in_means(lm, harmful, harmless, site, positions=position, batch_size=batch_size)
+    for layer, site in zip(chosen_layers, sites, strict=True):
+        for position, directions in zip(selectors, by_position, strict=True):
+            r = directions[site]
             filters = ["layer"] if layer >= max_layer_fraction * n_layers else []
             if float(r.norm()) <= 1e-6:
                 candidates.append(RefusalCandidate(layer, str(position), r, None, None, None, ("zero", *filters)))

@@ -11,7 +11,7 @@ as is; families with a norm after the MLP are refused with :class:`NotFoldableEr
    token of every (prefixed) prompt, minimizing ``NLL(new object) + kl_weight · KL(base ‖ edited) +
    weight_decay · (|δ| / |v|)²`` (:class:`ValueOptimization`). The KL ("essence") term is taken at the last token
    of the request's essence prompts, with ``δ`` at their subject; ``v`` is the mean unedited value. The learning
-   rate is in units of ``|v|`` (ROME's absolute rate, 0.5, is about 0.02 |v| at GPT-2 XL's edited layer); after
+   rate is in units of ``|v|`` (ROME's is absolute, 0.5), so the step follows the layer's activation scale; after
    every step ``|δ|`` is clamped to ``clamp · |v|`` (ROME's ``clamp_norm_factor``, 4); optimization stops once
    the NLL is below ``stop_nll`` (ROME: 0.05);
 3. ``u = C⁻¹ k*`` with ``C = E[k kᵀ]`` over a corpus (:class:`KeyStatistics`, solved in float64; a ridge
@@ -56,7 +56,7 @@ from lsi.steer.ablation import Writer, residual_writers
 from lsi.steer.base import ModelSignature, WeightEdit, check_finite
 
 if TYPE_CHECKING:
-    from lsi.core.inputs import Inputs
+    from lsi.core.inputs import Batch, Inputs
     from lsi.core.model import LanguageModel
 
 FORMAT = 1
@@ -307,7 +307,9 @@ def projected(writer: Writer, key: torch.Tensor) -> torch.Tensor:
     return out if writer.bias is None else out + writer.bias.detach().double().cpu()
 
 
-def _right_padded(lm: LanguageModel, rows: Sequence[Sequence[int]], positions: Sequence[int]) -> tuple[Any, ...]:
+def _right_padded(lm: LanguageModel, rows: Sequence[Sequence[int]],
+                  positions: Sequence[int]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """``rows`` right-padded, the ``[batch, pos]`` mask of ``positions`` (one per row) and each row's last index."""
     batch = lm.to_batch([list(r) for r in rows], padding_side="right")
     where = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
     where[torch.arange(len(rows)), torch.tensor(list(positions))] = True
@@ -354,21 +356,23 @@ class EditVectors:
 
 
 def _optimize_delta(lm: LanguageModel, layer: int, request: EditRequest, rows: Sequence[Sequence[int]],
-                    positions: Sequence[int], opt: ValueOptimization) -> tuple[torch.Tensor, float, list[dict[str,
-                                                                                                           float]]]:
+                    positions: Sequence[int],
+                    opt: ValueOptimization) -> tuple[torch.Tensor, float, list[dict[str, float]]]:
     """``(δ, |v|, losses)``: Adam on ``δ / |v|`` over the prompt ``rows`` (subject at ``positions``) and the
     request's essence prompts, in one batch."""
     site = f"blocks.{layer}.mlp.out"
     n = len(rows)
     batch, where, last = _right_padded(lm, [*rows, *request.essence], [*positions, *request.essence_positions])
-    values = lm.run_with_cache(batch, [site])[site][:n][where[:n]]
+    cache = lm.run_with_cache(batch, [site])
+    values = cache[site][:n][where[:n]]
     value_norm = float(values.double().mean(0).norm())
     check_finite(torch.tensor(value_norm), "mean MLP output at the subject")
     if value_norm == 0.0:
         raise InputError("a non-zero MLP output at the last subject token", "|v| = 0",
                          "edit another layer (this MLP writes nothing there)")
     rows_index = torch.arange(len(last), device=lm.device)
-    base = lm.forward(batch)[rows_index[n:], last[n:]].double().log_softmax(-1)
+    assert cache.logits is not None
+    base = cache.logits[rows_index[n:], last[n:]].double().log_softmax(-1)
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     scaled = torch.zeros(values.shape[-1], dtype=dtype, device=lm.device, requires_grad=True)  # δ / |v|
     optimizer = torch.optim.Adam([scaled], lr=opt.lr)

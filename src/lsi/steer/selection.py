@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from lsi.core.bundle import write_json_atomic
 from lsi.core.inputs import Batch
 from lsi.errors import InputError
 from lsi.locate.result import jsonable
@@ -246,10 +246,7 @@ class Selection:
         meta["selection"] = {"format": FORMAT, "tau": self.tau, "saved": self._index(point),
                              "curve": [jsonable(p.as_dict()) for p in self.curve],
                              "skipped": jsonable(list(self.skipped))}
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, target)
-        return target
+        return write_json_atomic(target, meta)
 
     @classmethod
     def load(cls, path: str | Path, lm: LanguageModel) -> Selection:
