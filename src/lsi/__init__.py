@@ -38,7 +38,7 @@ _EXPORTS = {
     "Span": "lsi.core.positions",
     "Match": "lsi.core.positions",
     "ArchSpec": "lsi.arch.spec",
-    "register": "lsi.arch.registry",
+    "register_architecture": "lsi.arch.registry",
     "self_check": "lsi.core.selfcheck",
     "ActivationStore": "lsi.core.store",
     "cache_to_disk": "lsi.core.store",

@@ -42,7 +42,8 @@ def _fail(model: Any, what: str, layer: nn.Module | None) -> UnknownArchitecture
     template = ArchSpec(family=str(model.config.model_type), model_types=(str(model.config.model_type),)).template()
     return UnknownArchitectureError(
         f"a decoder-only layout lsi can map ({what})", f"modules: {found}",
-        "write an ArchSpec and pass spec= to lsi.load (or lsi.register it). Template (Llama layout):\n" + template)
+        "write an ArchSpec and pass spec= to lsi.load (or lsi.register_architecture it). "
+        "Template (Llama layout):\n" + template)
 
 
 def probe_specs(model: Any) -> list[ArchSpec]:

@@ -12,16 +12,29 @@ from torch import nn
 
 from lsi.arch.families import FAMILIES
 from lsi.arch.spec import ArchSpec
+from lsi.errors import InputError
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
-    """Register a spec for its ``model_types`` (``replace=True`` to override an existing one)."""
+def register_architecture(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
+    """Register a spec for its ``model_types`` (``replace=True`` to override an existing one).
+
+    Example:
+        >>> import dataclasses
+        >>> from lsi.arch.families import LLAMA
+        >>> register_architecture(LLAMA)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        lsi.errors.InputError: expected a model_type not registered yet; found 'llama' (registered as 'llama')...
+        >>> mine = register_architecture(dataclasses.replace(LLAMA, family="my_llama", model_types=("my_llama",)))
+        >>> spec_for_model_type("my_llama").family
+        'my_llama'
+    """
     for model_type in spec.model_types:
         if model_type in _REGISTRY and not replace:
-            raise ValueError(f"model_type {model_type!r} is already registered as {_REGISTRY[model_type].family!r}; "
-                             "pass replace=True to override it")
+            raise InputError("a model_type not registered yet",
+                             f"{model_type!r} (registered as {_REGISTRY[model_type].family!r})",
+                             "pass replace=True to override it, or give the spec other model_types")
         _REGISTRY[model_type] = spec
     return spec
 
@@ -45,4 +58,4 @@ def candidate_specs(model: nn.Module) -> tuple[list[ArchSpec], bool]:
 
 
 for _spec in FAMILIES:
-    register(_spec)
+    register_architecture(_spec)

@@ -139,5 +139,5 @@ def require_self_check(lm: LanguageModel) -> None:
     raise UnknownArchitectureError(
         f"a model whose sites pass the self-check (family {lm.spec.family!r})",
         f"failures: {failed}. Modules of layer 0: {modules}",
-        "write an ArchSpec for it and pass spec= to lsi.load, or lsi.register() it. Template:\n"
+        "write an ArchSpec for it and pass spec= to lsi.load, or lsi.register_architecture() it. Template:\n"
         + lm.spec.template())
