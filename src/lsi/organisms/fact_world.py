@@ -283,7 +283,11 @@ def tracing_effects(lm: LanguageModel, ground_truth: dict[str, Any], templates: 
     prob = torch.zeros(copies * len(ids))
     for draw in noise:
         noisy = draw.repeat(copies, 1, 1)
-        with torch.no_grad(), lm.intervene(lsi.Apply("embed", lambda x, noisy=noisy: x + noisy.to(x)), *restorations):
+
+        def add_noise(x: torch.Tensor, noisy: torch.Tensor = noisy) -> torch.Tensor:
+            return x + noisy.to(x)
+
+        with torch.no_grad(), lm.intervene(lsi.Apply("embed", add_noise), *restorations):
             logits = lm.forward(ids.repeat(copies, 1))
         prob += object_prob(logits, answer_pos.repeat(copies), objects.repeat(copies)) / samples
     by_fact = prompt_facts(facts, templates)
