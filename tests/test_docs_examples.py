@@ -31,7 +31,7 @@ def test_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     namespace: dict[str, object] = {"__name__": f"docs_{doc.stem}"}
     for line, code in python_blocks(doc):
         code = code.replace('"../shared/', f'"{SHARED}/')
-        exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)  # noqa: S102 - the project's own docs
+        exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)
 
 
 def test_blocks_are_found(tmp_path: Path) -> None:
