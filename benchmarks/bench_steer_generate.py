@@ -52,11 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lsi.steer.ablation import AddVector, DirectionalAblation
 from torch import nn
 
 import lsi
 from lsi.arch.dims import get_module
-from lsi.steer.ablation import AddVector, DirectionalAblation
 from lsi.steer.export import fold
 from lsi.testing import tiny_model
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-
-import lsi
 from lsi.steer.ablation import AddVector
 from lsi.steer.base import Steering
+
+import lsi
 from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.export import export_hf
 from lsi.steer.selection import Selection, grid, measured, reference, select
