@@ -101,7 +101,7 @@ def test_a_candidates_scores_equal_a_by_hand_recomputation(tiny_result):
     assert c.bypass == pytest.approx(bypass, abs=1e-5) and c.induce == pytest.approx(induce, abs=1e-5)
     assert c.kl == pytest.approx(kl, abs=1e-6)
     addition = result.addition(2.0)
-    assert (addition.site, addition.alpha, addition.model) == (site, 2.0, result.model)
+    assert (str(addition.site), addition.alpha, addition.model) == (site, 2.0, result.model)
     assert result.ablation(model=lm).model == result.model
 
 
