@@ -46,7 +46,7 @@ from lsi.core.steering import (
     positions_from_json,
     positions_json,
 )
-from lsi.errors import NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
+from lsi.errors import NonFiniteSteeringError, NotFoldableError, NotSerializableError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from lsi.core.cache import ActivationCache
@@ -347,6 +347,10 @@ class Patch(Intervention):
                 "and cache it without positions=")
         return _to(src, x)
 
+    def _values(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        raise NotSerializableError("saveable leaves", f"{self!r}: a patch holds another run's activations",
+                                   "keep it in memory, or save a Set of the values instead")
+
     def _details(self) -> str:
         return f", source={type(self.source).__name__}"
 
@@ -381,6 +385,10 @@ class Apply(Intervention):
             raise ShapeMismatchError(f"fn to return a tensor of shape {tuple(x.shape)} at {self.site}", found,
                                      "return a tensor shaped like the input")
         return out
+
+    def _values(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        raise NotSerializableError("saveable leaves", f"{self!r}: a Python function has no saved form",
+                                   "keep it in memory, or express it with Zero / Scale / Add / Set / Mean")
 
     def _details(self) -> str:
         return f", fn={getattr(self.fn, '__name__', type(self.fn).__name__)}"
