@@ -110,7 +110,7 @@ def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], value: torch.Tens
 
 def raw_add_hooks(lm: lsi.LanguageModel, add: lsi.Add) -> Callable[[], list[Any]]:
     """Install-hooks function for the addition as hand-written code: ``x + alpha * v`` at one layer's input."""
-    layer = get_module(lm.model, lm.spec.layer_path(int(add.site.split(".")[1])))
+    layer = get_module(lm.model, lm.spec.layer_path(int(add.site.layer)))
     delta = (add.alpha * add.vector).to(device=lm.device, dtype=lm.model.dtype)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
