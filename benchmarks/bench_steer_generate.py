@@ -8,7 +8,7 @@ same number of steps) under:
 
   hf                 plain ``model.generate`` (no lsi anywhere)
   lsi                ``lm.generate`` without steering
-  lsi: add           ``with AddVector("blocks.{L/2}.resid_pre", v, alpha).apply(lm): lm.generate(...)``
+  lsi: add           ``with lsi.Add("blocks.{L/2}.resid_pre", v, alpha).apply(lm): lm.generate(...)``
   raw hook: add      the same addition as a user writes it: one ``register_forward_pre_hook`` on that decoder layer
   folded add         ``export.fold(lm, add)``: the addition folded into an MLP bias, plain ``model.generate``
                      (Llama gets its biases through ``config.mlp_bias``: zero gate / up / down biases in every
@@ -56,7 +56,7 @@ from torch import nn
 
 import lsi
 from lsi.arch.dims import get_module
-from lsi.steer.ablation import AddVector, DirectionalAblation
+from lsi.steer.directional import DirectionalAblation
 from lsi.steer.export import fold
 from lsi.testing import tiny_model
 
@@ -87,12 +87,12 @@ def build(name: str, device: torch.device) -> lsi.LanguageModel:
     return lsi.LanguageModel(tiny_model("llama", **LLAMA512).to(device))
 
 
-def steerings(lm: lsi.LanguageModel) -> tuple[AddVector, DirectionalAblation]:
+def steerings(lm: lsi.LanguageModel) -> tuple[lsi.Add, DirectionalAblation]:
     """A random addition at the middle layer's input and a random directional ablation."""
     gen = torch.Generator().manual_seed(0)
     d = lm.dims.d_model
     v, r = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
-    add = AddVector(f"blocks.{lm.dims.n_layers // 2}.resid_pre", v / v.norm(), 2.0, model=lm)
+    add = lsi.Add(f"blocks.{lm.dims.n_layers // 2}.resid_pre", v / v.norm(), 2.0, model=lm)
     return add, DirectionalAblation(r, model=lm)
 
 
@@ -108,9 +108,9 @@ def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], value: torch.Tens
     return args, {**kwargs, "hidden_states": value}
 
 
-def raw_add_hooks(lm: lsi.LanguageModel, add: AddVector) -> Callable[[], list[Any]]:
+def raw_add_hooks(lm: lsi.LanguageModel, add: lsi.Add) -> Callable[[], list[Any]]:
     """Install-hooks function for the addition as hand-written code: ``x + alpha * v`` at one layer's input."""
-    layer = get_module(lm.model, lm.spec.layer_path(int(add.site.split(".")[1])))
+    layer = get_module(lm.model, lm.spec.layer_path(int(add.site.layer)))
     delta = (add.alpha * add.vector).to(device=lm.device, dtype=lm.model.dtype)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

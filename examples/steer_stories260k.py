@@ -26,8 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 import lsi
-from lsi.steer.ablation import AddVector
-from lsi.steer.base import Steering
+from lsi import Add, Steering
 from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.export import export_hf
 from lsi.steer.selection import Selection, grid, measured, reference, select
@@ -141,7 +140,7 @@ def setup() -> Setup:
     vectors = {layer: by_site[f"blocks.{layer}.resid_pre"] for layer in LAYERS}
     print(f"contrast sets: {len(boys)} sentences about boys, {len(girls)} about girls; diff-in-means over all tokens")
     print("|v| per layer: " + ", ".join(f"L{layer} {float(v.norm()):.2f}" for layer, v in vectors.items()))
-    candidates = grid(lambda layer, alpha: AddVector(f"blocks.{layer}.resid_pre", vectors[layer], alpha, model=lm),
+    candidates = grid(lambda layer, alpha: Add(f"blocks.{layer}.resid_pre", vectors[layer], alpha, model=lm),
                       layer=LAYERS, alpha=ALPHAS)
     sel = select(lm, candidates, success=target_rate(DEV), corpus=DEV_TEXT, tau=TAU, stop_along="alpha")
     if sel.steering is None:

@@ -5,6 +5,7 @@ __version__: str
 from lsi.arch.registry import register_architecture as register_architecture
 from lsi.arch.spec import ArchSpec as ArchSpec
 from lsi.core.cache import ActivationCache as ActivationCache
+from lsi.core.identity import ModelIdentity as ModelIdentity
 from lsi.core.inputs import Batch as Batch
 from lsi.core.interventions import (
     Add as Add,
@@ -48,5 +49,8 @@ from lsi.core.sites import (
 from lsi.core.sites import (
     to_transformer_lens as to_transformer_lens,
 )
+from lsi.core.steering import Steering as Steering
+from lsi.core.steering import compose as compose
 from lsi.core.store import ActivationStore as ActivationStore
 from lsi.core.store import cache_to_disk as cache_to_disk
+from lsi.core.weight_edit import WeightEdit as WeightEdit

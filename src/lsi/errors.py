@@ -59,11 +59,16 @@ class StoreError(LsiError):
 
 
 class ModelMismatchError(InputError):
-    """A steering built or saved for a model of another family, depth or width."""
+    """Something made for another model: a steering, weight edit, tuned lens or activation store whose model
+    identity (family, dimensions, fingerprint of the weights it was computed on) differs from the model given."""
 
 
 class NonFiniteSteeringError(LsiError, ArithmeticError):
     """A steering strength that produces NaN or infinite values."""
+
+
+class NotSerializableError(LsiError):
+    """A steering that holds something only memory can keep (a patch source cache, a Python function)."""
 
 
 class NotFoldableError(LsiError):

@@ -16,8 +16,8 @@ from lsi.bench.edit_methods import EditMethod, EditOutput, get_edit_methods
 from lsi.bench.edit_tasks import CaseScores, EditCase, EditTask, harmonic_score, measure_case, summarize
 from lsi.bench.groundtruth import _settings_summary, grade_edit_task, render_edit_table
 from lsi.cli.main import cli
+from lsi.core.weight_edit import WeightEdit, added_to_weights
 from lsi.errors import InputError
-from lsi.steer.base import WeightEdit, added_to_weights
 from lsi.steer.rome import EditRequest
 from lsi.steer.selection import reference
 

@@ -17,10 +17,11 @@ from lsi.bench.steer_methods.diff_in_means import ALPHAS
 from lsi.bench.steer_registry import Candidate, SteerMethod, get_steer_methods
 from lsi.bench.steer_tasks import Point, SteerScores, SteerSplit, SteerTask, measure
 from lsi.cli.main import cli
+from lsi.core.interventions import Add
 from lsi.errors import InputError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import AddVector, DirectionalAblation
+from lsi.steer.directional import DirectionalAblation
 from lsi.steer.directions import diff_in_means, pca_of_differences, probe_direction, site_features
 from lsi.steer.selection import best_at_kl, reference
 
@@ -70,8 +71,8 @@ def test_runner_grades_a_no_op_as_the_baseline_and_skips_methods_that_do_not_app
     lm = tiny_lm("llama")
     task = _fake_task(lm)
     v = torch.randn(32, generator=torch.Generator().manual_seed(2))
-    no_op = _method("no-op", lambda lm: [Candidate(AddVector("blocks.0.resid_pre", v, 0.0), {"alpha": 0.0})])
-    grid = _method("grid", lambda lm: [Candidate(AddVector("blocks.1.resid_pre", v, a), {"alpha": a})
+    no_op = _method("no-op", lambda lm: [Candidate(Add("blocks.0.resid_pre", v, 0.0), {"alpha": 0.0})])
+    grid = _method("grid", lambda lm: [Candidate(Add("blocks.1.resid_pre", v, a), {"alpha": a})
                                        for a in (0.005, 0.02, 5.0)])
     never = _method("never", lambda lm: [], applies=lambda task: "needs a removal task")
     graded = grade_steer_task(lm, task, [no_op, grid, never])

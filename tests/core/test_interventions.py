@@ -589,3 +589,102 @@ def test_patch_from_a_cache_padded_on_the_other_side(tiny_lm):
         return
     torch.testing.assert_close(patched, lm.forward(left), atol=1e-6, rtol=0)
     assert torch.equal(generated, lm.generate(rows, max_new_tokens=3, min_new_tokens=3))
+
+
+# --- interventions are steering leaves: serialisable, checked, one identity -----------------------------------------
+
+def _leaves(lm):
+    from lsi.steer.directional import DirectionalAblation
+    from lsi.steer.heads import HeadShift
+    from lsi.steer.pruning import DeleteLayers
+
+    gen = torch.Generator().manual_seed(3)
+    d = lm.dims.d_model
+    down = f"{lm.spec.layer_path(0, lm.spec.mlp_down)}.weight"
+    return [lsi.Zero("blocks.0.mlp.post[3,7]", model=lm),
+            lsi.Scale("blocks.1.attn.head_out[1]", 0.5, positions="last", model=lm),
+            lsi.Add("blocks.1.resid_pre", torch.randn(d, generator=gen), 2.0, scope="prompt", model=lm),
+            lsi.Set("blocks.0.attn.out", torch.randn(d, generator=gen), positions=[0, 2], model=lm),
+            lsi.Mean("blocks.1.mlp.post[2]", torch.tensor(0.3), model=lm),
+            DirectionalAblation(torch.randn(d, generator=gen), model=lm),
+            HeadShift([(0, 1)], torch.randn(1, lm.dims.d_head, generator=gen), 1.5, model=lm),
+            DeleteLayers([1], model=lm),
+            lsi.WeightEdit.of(lm, {down: 0.01 * torch.randn(lm.model.get_parameter(down).shape, generator=gen)})]
+
+
+def test_every_serialisable_leaf_round_trips_and_intervene_accepts_it(tiny_lm, tmp_path):
+    lm = tiny_lm("llama")
+    base = lm.forward(IDS)
+    for i, leaf in enumerate(_leaves(lm)):
+        with lm.intervene(leaf):
+            want = lm.forward(IDS)
+        assert not torch.equal(want, base), leaf
+        loaded = lsi.Steering.load(leaf.save(tmp_path / f"leaf{i}"), lm)
+        assert type(loaded) is type(leaf) and repr(loaded) == repr(leaf)
+        with loaded.apply(lm):
+            torch.testing.assert_close(lm.forward(IDS), want, atol=0, rtol=0)
+        assert torch.equal(lm.forward(IDS), base)  # hooks removed, weights restored
+    assert_no_hooks(lm.model)
+
+
+def test_intervene_takes_compositions_lists_and_weight_edits_like_apply(tiny_lm):
+    lm = tiny_lm("llama")
+    leaves = _leaves(lm)
+    together = lsi.compose(leaves[:5], leaves[8])
+    with together.apply(lm):
+        want = lm.forward(IDS)
+    with lm.intervene(leaves[0], leaves[1:5], leaves[8]):
+        torch.testing.assert_close(lm.forward(IDS), want, atol=0, rtol=0)
+    with lm.intervene(*leaves[:5]), lm.intervene(leaves[8]):  # nested: weight deltas first, then the hooks
+        torch.testing.assert_close(lm.forward(IDS), want, atol=0, rtol=0)
+    with pytest.raises(lsi.errors.InputError, match="interventions or steerings"):
+        lm.intervene("blocks.0.mlp.out")
+
+
+def test_patch_and_apply_refuse_to_save(tiny_lm, tmp_path):
+    from lsi.errors import NotSerializableError
+
+    lm = tiny_lm("llama")
+    cache = lm.run_with_cache(IDS, "blocks.0.resid_post")
+    for leaf in (lsi.Patch("blocks.0.resid_post", cache, model=lm), lsi.Apply("embed", lambda x: x, model=lm)):
+        with pytest.raises(NotSerializableError, match=type(leaf).__name__):
+            (lsi.Zero("embed", model=lm) + leaf).save(tmp_path / "s")
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_values_are_refused_when_built():
+    from lsi.errors import NonFiniteSteeringError
+
+    v = torch.ones(8)
+    for build in (lambda: lsi.Add("embed", v, float("inf")), lambda: lsi.Add("embed", v * float("nan")),
+                  lambda: lsi.Add("embed", v * 1e30, 1e10),  # alpha * vector overflows float32
+                  lambda: lsi.Scale("embed", float("nan")), lambda: lsi.Set("embed", v / 0),
+                  lambda: lsi.Mean("embed", torch.tensor([float("-inf")]))):
+        with pytest.raises(NonFiniteSteeringError):
+            build()
+
+
+def test_each_identity_user_refuses_another_model(tiny_lm, tmp_path):
+    from lsi.errors import ModelMismatchError
+    from lsi.locate.tuned_lens import TunedLens
+
+    lm, other = tiny_lm("llama"), tiny_lm("llama", num_hidden_layers=3)
+    with pytest.raises(ModelMismatchError, match="n_layers differs"):  # a steering
+        lm.intervene(lsi.Zero("embed", model=other))
+    edit = _leaves(lm)[-1]
+    twin = lsi.LanguageModel(__import__("copy").deepcopy(lm.model), lm.tokenizer, spec=lm.spec, verify=False)
+    name = next(iter(edit.deltas))
+    with torch.no_grad():
+        twin.model.get_parameter(name).add_(1e-3)
+    with pytest.raises(ModelMismatchError, match="fingerprint"):  # a weight edit on other weights
+        twin.intervene(edit)
+    lens = TunedLens.identity(lm)
+    lens.save(tmp_path / "lens")
+    with torch.no_grad():
+        twin.model.get_parameter(f"{lm.spec.final_norm}.weight").mul_(2.0)
+    with pytest.raises(ModelMismatchError, match="fingerprint"):  # a tuned lens
+        TunedLens.load(tmp_path / "lens", twin)
+    lsi.cache_to_disk(lm, [[1, 2, 3]], "blocks.0.resid_post", tmp_path / "store")
+    with pytest.raises(ModelMismatchError, match="n_layers differs"):  # an activation store resumed on another model
+        lsi.cache_to_disk(other, [[1, 2, 3]], "blocks.0.resid_post", tmp_path / "store")
+    assert lsi.ActivationStore(tmp_path / "store").model == lsi.ModelIdentity.of(lm)

@@ -204,18 +204,23 @@ def steer(truth: dict):
 
 def _planted(lm, task, truth: dict):
     """The planted steerings: activate A = A block at its dev mean and B block zeroed; deactivate A = A block zeroed."""
-    from lsi.steer.amplitude import Amplitude, group_units, reference_means
+    from lsi.core.interventions import Set, Zero, reference_means
+    from lsi.core.steering import compose
+    from lsi.steer.located import group_units
 
     a, b = group_units(truth["neurons"]["A"]), group_units(truth["neurons"]["B"])
     if task.goal == "remove":
-        return Amplitude.zero(a, model=lm)
-    return Amplitude.set(a, reference_means(lm, task.dev.positive, a), model=lm) + Amplitude.zero(b, model=lm)
+        return compose(Zero(s, model=lm) for s in a)
+    means = reference_means(lm, task.dev.positive, a)
+    return compose([Set(s, m, model=lm) for s, m in zip(a, means, strict=True)], [Zero(s, model=lm) for s in b])
 
 
 @pytest.mark.integration
 def test_planted_steerings_reach_each_steer_task_within_the_kl_budget_and_others_fail(steer, truth: dict) -> None:
     from lsi.bench.steer_tasks import measure, split_reference
-    from lsi.steer.amplitude import Amplitude, group_units
+    from lsi.core.interventions import Zero
+    from lsi.core.steering import compose
+    from lsi.steer.located import group_units
 
     lm, tasks = steer
     assert set(tasks) == {"activate A", "deactivate A"}
@@ -228,10 +233,12 @@ def test_planted_steerings_reach_each_steer_task_within_the_kl_budget_and_others
         assert min(planted.scores.generalization, planted.scores.specificity, planted.scores.fluency) == 1.0
         # zeroing the block that is silent on the measured prompts does nothing; zeroing B breaks B, not A
         if task.goal == "induce":
-            silent = measure(lm, task.test, ref, Amplitude.zero(group_units(truth["neurons"]["A"]), model=lm))
+            zero_a = compose(Zero(s, model=lm) for s in group_units(truth["neurons"]["A"]))
+            silent = measure(lm, task.test, ref, zero_a)
             assert silent.scores.success == 0.0
         else:  # (zeroing A is the planted removal, measured above)
-            wrong = measure(lm, task.test, ref, Amplitude.zero(group_units(truth["neurons"]["B"]), model=lm))
+            zero_b = compose(Zero(s, model=lm) for s in group_units(truth["neurons"]["B"]))
+            wrong = measure(lm, task.test, ref, zero_b)
             assert wrong.scores.success == 0.0 and wrong.scores.specificity == 0.0 and wrong.kl > task.tau
 
 

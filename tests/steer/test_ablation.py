@@ -5,6 +5,7 @@ organism (ablation removes refusal, addition induces it, orthogonalization gives
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -12,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import lsi
+from lsi.core.interventions import Add
+from lsi.core.steering import Composed, Steering
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
-from lsi.steer.base import Composed, Steering, apply_all
+from lsi.steer.directional import DirectionalAblation, orthogonalize
 from lsi.steer.directions import diff_in_means, diff_in_means_by_site
 
 FOLDABLE = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -94,7 +96,7 @@ def test_steering_applies_during_generate(tiny_lm):
     assert session.fire_counts["blocks.1.resid_pre"] == 6  # the prompt pass and every decoding step
     assert torch.equal(hooked, orthogonalize(lm, r).generate([[5, 6, 7], [8, 9]], max_new_tokens=6))
     # a strong addition at the last layer's output takes over greedy decoding, also on cached decoding steps
-    push = AddVector("blocks.1.resid_post", lm.weights.W_U[:, 60], alpha=1e3)
+    push = Add("blocks.1.resid_post", lm.weights.W_U[:, 60], alpha=1e3)
     with push.apply(lm):
         steered = lm.generate([[5, 6, 7]], max_new_tokens=4)
     assert steered[0, 3:].tolist() == [60] * 4 != lm.generate([[5, 6, 7]], max_new_tokens=4)[0, 3:].tolist()
@@ -105,7 +107,7 @@ def test_add_vector_touches_only_its_positions(tiny_lm):
     lm = tiny_lm("llama")
     v = _direction(2)
     site = "blocks.1.resid_pre"
-    with AddVector(site, v, 0.5, positions="last").apply(lm):
+    with Add(site, v, 0.5, positions="last").apply(lm):
         steered = lm.run_with_cache(IDS, sites=[site])[site]
     delta = steered - lm.run_with_cache(IDS, sites=[site])[site]
     torch.testing.assert_close(delta[:, -1], (0.5 * v).expand(3, -1), atol=1e-6, rtol=0)
@@ -117,32 +119,34 @@ def test_composition_applies_parts_in_order(tiny_lm):
     lm = tiny_lm("llama")
     r = _direction()
     ablate = DirectionalAblation(r)
-    add = AddVector("blocks.1.resid_pre", r + _direction(2), 2.0)
+    add = Add("blocks.1.resid_pre", r + _direction(2), 2.0)
     both = ablate + add
     assert isinstance(both, Composed) and both.leaves() == (ablate, add)
     assert len((both + ablate).leaves()) == 3
     assert [str(op.site) for op in both.interventions(lm)][-2:] == ["blocks.1.resid_pre", "logits"]
     with ablate.apply(lm), add.apply(lm):
         nested = lm.forward(IDS)
-    with apply_all(lm, ablate, add):
+    with lm.intervene(ablate, add):
         together = lm.forward(IDS)
     torch.testing.assert_close(together, nested, atol=0, rtol=0)
-    with apply_all(lm, add, ablate):
+    with lm.intervene([add, ablate]):
         swapped = lm.forward(IDS)  # at blocks.1.resid_pre the ablation now also removes the vector's component
     assert float((swapped - together).abs().max()) > 1e-2
-    with pytest.raises(InputError, match="at least one steering"):
-        apply_all(lm)
+    with pytest.raises(InputError, match="interventions or steerings"):
+        lm.intervene(["blocks.0.mlp.out"])
 
 
 @pytest.mark.unit
 def test_save_and_load_round_trip_without_pickle(tiny_lm, tmp_path):
     lm = tiny_lm("llama")
     steer = (DirectionalAblation(_direction(), model=lm)
-             + AddVector("blocks.1.resid_pre", _direction(2), 1.5, positions=[0, -1], scope="prompt", model=lm))
+             + Add("blocks.1.resid_pre", _direction(2), 1.5, positions=[0, -1], scope="prompt", model=lm))
     path = steer.save(tmp_path / "steer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["steer.json", "steer.safetensors"]
     meta = json.loads(path.read_text())
-    assert meta["model"] == {"family": "llama", "n_layers": 2, "d_model": 32}
+    assert meta["format"] == 2 and meta["model"] == {"family": "llama", "dims": dataclasses.asdict(lm.dims)}
+    assert [(p["type"], p["module"]) for p in meta["parts"]] == [
+        ("DirectionalAblation", "lsi.steer.directional"), ("Add", "lsi.core.interventions")]
     assert sorted(load_file(str(tmp_path / "steer.safetensors"))) == ["0.direction", "1.vector"]
     loaded = Steering.load(path, lm)
     assert isinstance(loaded, Composed) and repr(loaded.leaves()[1]) == repr(steer.leaves()[1])
@@ -153,8 +157,8 @@ def test_save_and_load_round_trip_without_pickle(tiny_lm, tmp_path):
     single = DirectionalAblation(_direction(), model=lm)
     single.save(tmp_path / "single")
     assert torch.equal(DirectionalAblation.load(tmp_path / "single.json", lm).direction, single.direction)
-    with pytest.raises(InputError, match="a saved AddVector"):
-        AddVector.load(tmp_path / "single", lm)
+    with pytest.raises(InputError, match="a saved Add"):
+        Add.load(tmp_path / "single", lm)
     with pytest.raises(InputError, match="model=lm"):
         DirectionalAblation(_direction()).save(tmp_path / "anonymous")
 
@@ -172,15 +176,15 @@ def test_load_refuses_a_model_of_other_dimensions(tiny_lm, tmp_path, family, ove
         Steering.load(tmp_path / "steer", other)
     assert "llama model with n_layers=2, d_model=32" in err.value.expected and reason in err.value.found
     with pytest.raises(ModelMismatchError):
-        AddVector("blocks.0.resid_pre", _direction(), model=tiny_lm("llama")).interventions(other)
+        Add("blocks.0.resid_pre", _direction(), model=tiny_lm("llama")).interventions(other)
 
 
 @pytest.mark.unit
 def test_vectors_must_fit_their_sites(tiny_lm):
     lm = tiny_lm("llama")
     with pytest.raises(ShapeMismatchError) as err:
-        AddVector("blocks.0.resid_pre", torch.ones(31)).apply(lm)
-    assert err.value.expected.startswith("a vector of size 32") and err.value.found == "size 31" and err.value.fix
+        Add("blocks.0.resid_pre", torch.ones(31)).apply(lm)
+    assert err.value.expected.startswith("a vector of shape (32,)") and err.value.found == "shape (31,)"
     with pytest.raises(ShapeMismatchError, match=r"size 8 for blocks\.0\.attn\.z"):
         DirectionalAblation(_direction(), sites="blocks.*.attn.z").interventions(lm)
     with pytest.raises(ShapeMismatchError, match="one vector"):
@@ -193,16 +197,16 @@ def test_vectors_must_fit_their_sites(tiny_lm):
 def test_non_finite_strengths_are_refused(tiny_lm):
     lm = tiny_lm("llama")
     with pytest.raises(NonFiniteSteeringError, match="alpha=nan"):
-        AddVector("blocks.0.resid_pre", torch.ones(32), float("nan"))
+        Add("blocks.0.resid_pre", torch.ones(32), float("nan"))
     with pytest.raises(NonFiniteSteeringError, match="NaN/inf entries"):
         DirectionalAblation(torch.tensor([1.0, float("inf")]))
     with pytest.raises(NonFiniteSteeringError, match=r"alpha=1e\+37"):
-        AddVector("blocks.0.resid_pre", torch.full((32,), 100.0), 1e37)  # 1e39 overflows float32
-    half = AddVector("blocks.0.resid_pre", torch.ones(32), 1e5)  # fine in float32, not in float16
+        Add("blocks.0.resid_pre", torch.full((32,), 100.0), 1e37)  # 1e39 overflows float32
+    half = Add("blocks.0.resid_pre", torch.ones(32), 1e5)  # fine in float32, not in float16
     with pytest.raises(NonFiniteSteeringError, match=r"torch\.float16"):
         half.interventions(tiny_lm("llama", dtype=torch.float16))
     # each addition is finite, but adding it at both layers overflows the stream: the logits check names it
-    flood = AddVector("blocks.*.resid_pre", torch.ones(32), 3e38)
+    flood = Add("blocks.*.resid_pre", torch.ones(32), 3e38)
     with pytest.raises(NonFiniteSteeringError, match=r"blocks\.\*\.resid_pre, alpha=3e\+38") as err, flood.apply(lm):
         lm.forward(IDS)
     assert "NaN/inf" in err.value.found
@@ -261,11 +265,11 @@ def test_refusal_direction_ablates_and_induces_refusal(gate):
     assert ablated["harmless_accuracy"] >= 0.98 * base["harmless_accuracy"]
     induced = {}
     for alpha in rg.ADD_SCALES:  # the smallest strength that induces refusal on dev
-        with AddVector(site, v, alpha).apply(lm):
+        with Add(site, v, alpha).apply(lm):
             induced[alpha] = rg._rates(lm, dev, [])["harmless_refusal"]
         if induced[alpha] >= 0.95:
             break
-    with AddVector(site, v, alpha).apply(lm):
+    with Add(site, v, alpha).apply(lm):
         added = rg._rates(lm, test, [])
     assert base["harmless_refusal"] <= 0.05 and added["harmless_refusal"] >= 0.9, (induced, added)
 

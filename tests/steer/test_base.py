@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lsi.core.identity import weights_fingerprint
+from lsi.core.interventions import Add
+from lsi.core.steering import Steering
+from lsi.core.weight_edit import WeightEdit, added_to_weights
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, ShapeMismatchError
-from lsi.steer.ablation import AddVector
-from lsi.steer.base import Steering, WeightEdit, added_to_weights, weights_fingerprint
 from lsi.steer.export import export_hf, fold
 
 IDS = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -58,7 +60,7 @@ def test_edit_applies_inside_the_block_and_restores_exactly(fresh_lm, family):
 def test_edits_compose_with_each_other_and_with_hooks(fresh_lm):
     lm = fresh_lm("llama")
     a, b = _edit(lm, DOWN["llama"], 0), _edit(lm, "model.layers.0.mlp.down_proj.weight", 1)
-    add = AddVector("blocks.1.resid_post", torch.ones(32), 0.3, model=lm)
+    add = Add("blocks.1.resid_post", torch.ones(32), 0.3, model=lm)
     with (a + b + add).apply(lm):
         together = lm.forward(IDS)
     with a.apply(lm), b.apply(lm), add.apply(lm):
@@ -70,7 +72,7 @@ def test_edits_compose_with_each_other_and_with_hooks(fresh_lm):
 @pytest.mark.unit
 def test_save_load_round_trip_and_refusal_on_other_weights(fresh_lm, tmp_path):
     lm = fresh_lm("gpt2")
-    edit = _edit(lm, DOWN["gpt2"]) + AddVector("blocks.0.resid_post", torch.ones(32), model=lm)
+    edit = _edit(lm, DOWN["gpt2"]) + Add("blocks.0.resid_post", torch.ones(32), model=lm)
     edit.save(tmp_path / "edit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.json", "edit.safetensors"]
     loaded = Steering.load(tmp_path / "edit.json", lm)
@@ -111,7 +113,7 @@ def test_bad_deltas_are_refused(tiny_lm):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_edit_folds_and_exports_to_a_plain_checkpoint(fresh_lm, tmp_path, family):
     lm = fresh_lm(family)
-    edit = _edit(lm, DOWN[family]) + AddVector("blocks.1.resid_pre", torch.ones(32), 0.5, model=lm)
+    edit = _edit(lm, DOWN[family]) + Add("blocks.1.resid_pre", torch.ones(32), 0.5, model=lm)
     with edit.apply(lm):
         hooked = lm.forward(IDS)
     torch.testing.assert_close(fold(lm, edit).forward(IDS), hooked, rtol=0, atol=1e-5)

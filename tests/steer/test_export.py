@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lsi.core.interventions import Add
 from lsi.errors import InputError, NotFoldableError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
+from lsi.steer.directional import DirectionalAblation, orthogonalize
 from lsi.steer.directions import diff_in_means
 from lsi.steer.export import export_hf, fold
 
@@ -61,7 +62,7 @@ def test_exported_ablation_of_a_tied_model_reloads_with_plain_transformers(tiny_
 def test_constant_addition_folds_into_the_writer_before_it(tiny_lm, tmp_path, family, site, bias):
     lm = tiny_lm(family)
     keys = set(lm.model.state_dict())
-    add = AddVector(site, _vec(2), 3.0)
+    add = Add(site, _vec(2), 3.0)
     hooked = _hooked(lm, add, IDS)
     out = export_hf(lm, add, tmp_path / family)
     assert float((hooked - lm.forward(IDS)).abs().max()) > 1e-2
@@ -75,7 +76,7 @@ def test_constant_addition_folds_into_the_writer_before_it(tiny_lm, tmp_path, fa
 @pytest.mark.integration
 def test_fold_reproduces_hooks_in_generation(tiny_lm):
     lm = tiny_lm("llama")
-    push = AddVector("blocks.1.resid_post", lm.weights.W_U[:, 60], alpha=1e3)
+    push = Add("blocks.1.resid_post", lm.weights.W_U[:, 60], alpha=1e3)
     with push.apply(lm):
         hooked = lm.generate([[5, 6, 7]], max_new_tokens=4)
     assert hooked[0, 3:].tolist() == [60] * 4
@@ -86,25 +87,25 @@ def test_fold_reproduces_hooks_in_generation(tiny_lm):
 def test_composition_folds_additions_before_ablations(tiny_lm, tmp_path):
     lm = tiny_lm("gpt2")
     r = _vec(1)
-    add = AddVector("blocks.1.resid_pre", r + _vec(2), 2.0)  # with a component along r
+    add = Add("blocks.1.resid_pre", r + _vec(2), 2.0)  # with a component along r
     first = add + DirectionalAblation(r)
     out = export_hf(lm, first, tmp_path / "add-then-ablate")
     assert float((_plain_logits(out, IDS) - _hooked(lm, first, IDS)).abs().max()) < 1e-5
     with pytest.raises(NotFoldableError, match="after an ablation"):
         fold(lm, DirectionalAblation(r) + add)
     unit = r / r.norm()
-    orthogonal = AddVector("blocks.1.resid_pre", _vec(2) - (_vec(2) @ unit) * unit, 2.0)
+    orthogonal = Add("blocks.1.resid_pre", _vec(2) - (_vec(2) @ unit) * unit, 2.0)
     after = DirectionalAblation(r) + orthogonal
     assert float((fold(lm, after).forward(IDS) - _hooked(lm, after, IDS)).abs().max()) < 1e-5
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize(("family", "steering", "match"), [
-    ("llama", AddVector("blocks.1.resid_pre", _vec(2), positions="last"), "position-dependent"),
-    ("llama", AddVector("blocks.1.resid_pre", _vec(2), scope="generated"), "scope=generated"),
-    ("llama", AddVector("blocks.0.attn.head_out[1]", _vec(2)), "transformed before it reaches the stream"),
+    ("llama", Add("blocks.1.resid_pre", _vec(2), positions="last"), "position-dependent"),
+    ("llama", Add("blocks.1.resid_pre", _vec(2), scope="generated"), "scope=generated"),
+    ("llama", Add("blocks.0.attn.head_out[1]", _vec(2)), "transformed before it reaches the stream"),
     ("llama", DirectionalAblation(_vec(1), sites="blocks.*.resid_pre"), "default sites"),
-    ("qwen2", AddVector("blocks.1.resid_pre", _vec(2)), "would not load an added bias"),
+    ("qwen2", Add("blocks.1.resid_pre", _vec(2)), "would not load an added bias"),
     ("gemma2", DirectionalAblation(_vec(1)), "norm after the projection"),
 ])
 def test_what_does_not_fold_is_refused(tiny_lm, tmp_path, family, steering, match):
@@ -132,7 +133,7 @@ def test_exported_refusal_gate_checkpoints_behave_like_the_hooks(tmp_path):
     v = diff_in_means(lm, splits["dev"]["harmful"], splits["dev"]["harmless"], site, positions=-1)
     test = splits["test"]
     for name, steering, texts in (("ablated", DirectionalAblation(v), test["harmful"]),
-                                  ("added", AddVector(site, v, 1.5), test["harmless"])):
+                                  ("added", Add(site, v, 1.5), test["harmless"])):
         out = export_hf(lm, steering, tmp_path / name)
         plain = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
         batch = lm.to_batch(texts[:100])

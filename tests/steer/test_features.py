@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsi.core.interventions import Add
 from lsi.errors import InputError, ShapeMismatchError
-from lsi.steer.ablation import AddVector
 from lsi.steer.directions import diff_in_means
 from lsi.steer.features import FeatureDictionary, FeatureSteering, feature_deltas, feature_vector
 
@@ -79,7 +79,7 @@ def test_deltas_and_top_features_equal_brute_force(tiny_lm):
     torch.testing.assert_close(vector, brute.float(), atol=1e-6, rtol=0)
     fitted = FeatureSteering.fit(lm, sae, POSITIVE, NEGATIVE, SITE, top=5, alpha=2.0, positions="all",
                                  scope="generated")
-    assert isinstance(fitted.steering, AddVector) and fitted.features == chosen
+    assert isinstance(fitted.steering, Add) and fitted.features == chosen
     assert fitted.steering.alpha == 2.0 and fitted.steering.scope == "generated"
     torch.testing.assert_close(fitted.steering.vector, vector)
     torch.testing.assert_close(fitted.deltas, deltas)

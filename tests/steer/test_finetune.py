@@ -10,9 +10,9 @@ import torch
 
 from lsi.arch.dims import get_module
 from lsi.arch.families import FAMILIES
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import InputError, ModelMismatchError
 from lsi.locate.result import LocateResult
-from lsi.steer.base import WeightEdit
 from lsi.steer.finetune import ParameterMask, masked_finetune, parameter_mask
 
 FAMILY_NAMES = [spec.family for spec in FAMILIES]

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lsi.arch.dims import get_module
+from lsi.core.steering import Steering
 from lsi.errors import IndexOutOfRangeError, InputError, NonFiniteSteeringError, NotFoldableError, ShapeMismatchError
 from lsi.organisms import binary_attribute as ba
 from lsi.organisms._common import encode
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import DirectionalAblation
-from lsi.steer.base import Steering
+from lsi.steer.directional import DirectionalAblation
 from lsi.steer.export import export_hf, fold
 from lsi.steer.heads import HeadShift, head_features, iti_heads
 

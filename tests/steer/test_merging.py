@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from lsi.core.model_copy import copy_model
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import InputError, ModelMismatchError
-from lsi.steer.ablation import copy_model
-from lsi.steer.base import WeightEdit
 from lsi.steer.export import fold
 from lsi.steer.finetune import masked_finetune, parameter_mask
 from lsi.steer.merging import combine, task_vector, ties_merge

@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lsi.core.interventions import Add, Scale, Zero
+from lsi.core.steering import Steering
 from lsi.errors import InputError, NotFoldableError
-from lsi.steer.ablation import AddVector
-from lsi.steer.amplitude import Amplitude
-from lsi.steer.base import Steering
 from lsi.steer.export import export_hf, fold
 from lsi.steer.pruning import DeleteLayers, delete_layers
 
@@ -46,8 +45,8 @@ def test_deleted_layers_equal_the_hooks_and_reload_in_plain_transformers(tiny_lm
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zeroed_and_scaled_heads_and_neurons_fold_into_projection_columns(tiny_lm, family):
     lm = tiny_lm(family)
-    steer = (Amplitude.zero(["blocks.0.attn.head_out[1]", "blocks.1.mlp.post[3,17]"], model=lm)
-             + Amplitude.scale("blocks.1.attn.z[0,2]", 0.5, model=lm))
+    steer = (Zero("blocks.0.attn.head_out[1]", model=lm) + Zero("blocks.1.mlp.post[3,17]", model=lm)
+             + Scale("blocks.1.attn.z[0,2]", 0.5, model=lm))
     hooked = _hooked(lm, steer)
     assert not torch.allclose(hooked, lm.forward(IDS))
     torch.testing.assert_close(fold(lm, steer).forward(IDS), hooked, rtol=0, atol=1e-5)
@@ -57,12 +56,12 @@ def test_zeroed_and_scaled_heads_and_neurons_fold_into_projection_columns(tiny_l
 def test_what_does_not_fold_is_refused(tiny_lm):
     lm = tiny_lm("llama", num_hidden_layers=3)
     with pytest.raises(NotFoldableError, match="every position"):
-        fold(lm, Amplitude.zero("blocks.0.attn.head_out[1]", positions="last", model=lm))
+        fold(lm, Zero("blocks.0.attn.head_out[1]", positions="last", model=lm))
     with pytest.raises(NotFoldableError, match="heads or neurons"):
-        fold(lm, Amplitude.zero("blocks.0.attn.out", model=lm))
+        fold(lm, Zero("blocks.0.attn.out", model=lm))
     with pytest.raises(NotFoldableError, match="deleted layers"):
-        fold(lm, DeleteLayers([1], model=lm) + AddVector("blocks.2.resid_pre", torch.ones(32), model=lm))
-    fold(lm, DeleteLayers([1], model=lm) + AddVector("blocks.1.resid_pre", torch.ones(32), model=lm))  # layer 0's
+        fold(lm, DeleteLayers([1], model=lm) + Add("blocks.2.resid_pre", torch.ones(32), model=lm))
+    fold(lm, DeleteLayers([1], model=lm) + Add("blocks.1.resid_pre", torch.ones(32), model=lm))  # layer 0's
     with pytest.raises(InputError, match=r"0\.\.2"):
         DeleteLayers([3]).interventions(lm)
     with pytest.raises(InputError, match="at least one layer kept"):

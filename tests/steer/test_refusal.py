@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import lsi
+from lsi.core.interventions import Add
 from lsi.errors import InputError
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.ablation import AddVector, DirectionalAblation, orthogonalize
+from lsi.steer.directional import DirectionalAblation, orthogonalize
 from lsi.steer.directions import diff_in_means
 from lsi.steer.refusal import refusal_score, select_refusal_direction
 from lsi.testing import tiny_model
@@ -94,13 +95,13 @@ def test_a_candidates_scores_equal_a_by_hand_recomputation(tiny_result):
     with DirectionalAblation(c.direction).apply(lm):
         bypass = sum(_score_by_hand(lm, p) for p in HARMFUL) / len(HARMFUL)
         ablated = [lm.forward([p])[0, -1].double().log_softmax(-1) for p in HARMLESS]
-    with AddVector(site, c.direction).apply(lm):
+    with Add(site, c.direction).apply(lm):
         induce = sum(_score_by_hand(lm, p) for p in HARMLESS) / len(HARMLESS)
     kl = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(base, ablated, strict=True)) / len(HARMLESS)
     assert c.bypass == pytest.approx(bypass, abs=1e-5) and c.induce == pytest.approx(induce, abs=1e-5)
     assert c.kl == pytest.approx(kl, abs=1e-6)
     addition = result.addition(2.0)
-    assert (addition.site, addition.alpha, addition.model) == (site, 2.0, result.model)
+    assert (str(addition.site), addition.alpha, addition.model) == (site, 2.0, result.model)
     assert result.ablation(model=lm).model == result.model
 
 

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lsi
+from lsi.core.steering import Steering
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import IndexOutOfRangeError, InputError, ModelMismatchError, NotFoldableError
-from lsi.steer.base import Steering, WeightEdit
 from lsi.steer.export import export_hf
 from lsi.steer.rome import (
     EditRequest,

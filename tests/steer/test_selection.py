@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lsi.core.inputs import Batch
+from lsi.core.interventions import Add
+from lsi.core.steering import Steering
 from lsi.errors import InputError
-from lsi.steer.ablation import AddVector
-from lsi.steer.base import Steering
 from lsi.steer.selection import CurvePoint, Selection, best_at_kl, divergence, grid, reference, select
 
 TOKEN = 7
@@ -99,7 +99,7 @@ def _vector(lm) -> torch.Tensor:
 
 def _candidates(lm):
     v = _vector(lm)
-    return grid(lambda layer, alpha: AddVector(f"blocks.{layer}.resid_pre", v, alpha, model=lm),
+    return grid(lambda layer, alpha: Add(f"blocks.{layer}.resid_pre", v, alpha, model=lm),
                 layer=LAYERS, alpha=ALPHAS)
 
 
@@ -110,7 +110,7 @@ def _brute_force(lm):
     out = {}
     for layer in LAYERS:
         for alpha in ALPHAS:
-            with AddVector(f"blocks.{layer}.resid_pre", _vector(lm), alpha).apply(lm):
+            with Add(f"blocks.{layer}.resid_pre", _vector(lm), alpha).apply(lm):
                 steered = lm.forward(CORPUS).double().log_softmax(-1)[:, :-1]
                 success = _logit_of_token(lm)
             kl = float((base.exp() * (base - steered)).sum(-1).mean())
@@ -141,7 +141,7 @@ def test_the_chosen_point_is_the_brute_force_argmax_within_the_budget(measured_g
     want = max(within, key=within.__getitem__)
     assert sel.best is not None and (sel.best.settings["layer"], sel.best.settings["alpha"]) == want
     assert max(s for s, _, _ in truth.values()) > sel.best.success  # the budget binds: a stronger one did better
-    assert sel.steering.alpha == want[1] and sel.steering.site == f"blocks.{want[0]}.resid_pre"
+    assert sel.steering.alpha == want[1] and str(sel.steering.site) == f"blocks.{want[0]}.resid_pre"
     assert sel.steering_of(sel.curve[0]).alpha == ALPHAS[0] and sel.skipped == ()
     assert "success" in str(sel) and f"<= {tau:g}" in str(sel)
     with pytest.raises(InputError, match="a point of this selection's curve"):
@@ -163,7 +163,7 @@ def test_early_stopping_skips_stronger_candidates_once_the_budget_is_left(measur
     assert [(s["layer"], s["alpha"]) for s in sel.skipped] == skipped
     assert sel.best.settings == full.best.settings  # only candidates beyond the budget were left out
     with pytest.raises(InputError, match="a number for the early-stopping axis"):
-        select(lm, [({"alpha": "strong"}, AddVector("blocks.0.resid_pre", _vector(lm), 1.0))],
+        select(lm, [({"alpha": "strong"}, Add("blocks.0.resid_pre", _vector(lm), 1.0))],
                success=_logit_of_token, corpus=CORPUS, stop_along="alpha")
 
 
@@ -228,7 +228,7 @@ def test_save_and_load_round_trip(measured_grid, tmp_path):
     with pytest.raises(InputError, match="none kept"):
         loaded.steering_of(loaded.curve[1] if loaded.curve[0] is loaded.best else loaded.curve[0])
     as_steering = Steering.load(path, lm)  # the file is a plain steering too
-    assert isinstance(as_steering, AddVector) and as_steering.alpha == sel.steering.alpha
+    assert isinstance(as_steering, Add) and as_steering.alpha == sel.steering.alpha
     assert json.loads(path.read_text())["selection"]["saved"] == sel.curve.index(sel.best)
     sel.steering.save(tmp_path / "plain")
     with pytest.raises(InputError, match=r"a selection written by Selection\.save"):

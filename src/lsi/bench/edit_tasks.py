@@ -33,7 +33,7 @@ from lsi.steer.selection import Reference, measured
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import Steering
+    from lsi.core.steering import Steering
     from lsi.steer.rome import EditRequest
 
 Ids = tuple[int, ...]

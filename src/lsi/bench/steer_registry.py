@@ -23,7 +23,7 @@ from lsi.bench.registry import Registry, always
 if TYPE_CHECKING:
     from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import Steering
+    from lsi.core.steering import Steering
 
 
 @dataclass(frozen=True)

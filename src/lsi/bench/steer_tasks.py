@@ -31,7 +31,7 @@ from lsi.steer.selection import DEFAULT_TAU, Reference, measured, reference
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import Steering
+    from lsi.core.steering import Steering
 
 Goal = Literal["induce", "remove"]
 

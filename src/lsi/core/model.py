@@ -15,8 +15,8 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from lsi.core.inputs import Batch, Inputs, PaddingSide, to_batch
 from lsi.core.interventions import Intervention
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import SITE_KINDS, Site, as_sites
+from lsi.core.steering import Steering, compose
+from lsi.core.weight_edit import added_to_weights
 from lsi.core.weights import Weights
 from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
 
@@ -241,16 +243,21 @@ class LanguageModel:
         return GradResult(value.detach(), ActivationCache(session.values, logits=logits.detach(), **common),
                           ActivationCache(grad_values, **common))
 
-    @contextmanager
-    def intervene(self, *interventions: Intervention | Sequence[Intervention]) -> Iterator[HookSession]:
-        """Apply interventions to every forward pass (and ``generate``) inside the block; always cleaned up."""
-        ops: list[Intervention] = []
-        for item in interventions:
-            ops.extend([item] if isinstance(item, Intervention) else item)
+    def intervene(self, *steerings: Steering | Iterable[Steering]) -> AbstractContextManager[HookSession]:
+        """Apply interventions and steerings (leaves such as ``lsi.Zero`` / ``lsi.Add``, weight edits,
+        compositions, lists of them; in order) to every forward pass and ``generate`` call inside the block;
+        weight deltas are added and restored bit-exactly on exit, hooks always removed. Checked against this model
+        here, before the block."""
+        ops, deltas = compose(*steerings).prepare(self)
         for op in ops:
             for s in op.site.expand(self.dims.n_layers):
                 self._check_available(s)
-        with HookSession(self.model, self.spec, self.dims, interventions=ops) as session:
+        return self._hooked(ops, deltas)
+
+    @contextmanager
+    def _hooked(self, ops: list[Intervention], deltas: dict[str, torch.Tensor]) -> Iterator[HookSession]:
+        with added_to_weights(self, deltas), HookSession(self.model, self.spec, self.dims,
+                                                         interventions=ops) as session:
             yield session
 
     def generate(self, inputs: Inputs | Batch, *, max_new_tokens: int = 20, do_sample: bool = False,

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from lsi.core.bundle import save_tensors_atomic, write_json_atomic
+from lsi.core.identity import ModelIdentity
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import Site
 from lsi.errors import InputError, StoreError
@@ -53,10 +54,14 @@ def cache_to_disk(lm: LanguageModel, dataset: Sequence[Any], sites: SiteSpec, ou
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"sites": [str(s) for s in concrete], "positions": str(as_positions(positions)),
-                "batch_size": batch_size, "n_examples": len(dataset), "family": lm.family,
-                "dims": lm.dims.__dict__, "dtype": str(dtype) if dtype else None}
+                "batch_size": batch_size, "n_examples": len(dataset), **ModelIdentity.of(lm).to_json(),
+                "dtype": str(dtype) if dtype else None}
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest is not None:
+        ModelIdentity.from_json(manifest["settings"]).check(
+            lm, f"the model of the existing store in {out}, written for",
+            "use a new out_dir, or the model the store was written with")
     if manifest is not None and manifest["settings"] != settings:
         raise StoreError(f"an existing store written with the same settings in {out}",
                          f"{manifest['settings']} vs {settings}", "use a new out_dir or the original arguments")
@@ -111,6 +116,11 @@ class ActivationStore:
             raise StoreError(f"a complete store of {settings['n_examples']} examples",
                              f"{covered} examples written, missing files {missing}",
                              "rerun cache_to_disk with the same arguments to resume")
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model the store was written with (check another with ``store.model.check(lm, ...)``)."""
+        return ModelIdentity.from_json(self.manifest["settings"])
 
     @property
     def sites(self) -> list[str]:

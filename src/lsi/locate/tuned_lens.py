@@ -18,9 +18,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ import torch
 
 from lsi.arch.dims import get_module
 from lsi.core.bundle import load_bundle, save_bundle
+from lsi.core.identity import ModelIdentity
 from lsi.core.positions import PositionSpec
 from lsi.errors import InputError
 from lsi.locate.result import LocateResult
@@ -41,14 +41,11 @@ FORMAT_VERSION = 1
 _CHUNK_ROWS = 32  # inputs run through the model at a time while collecting training states
 
 
-def model_fingerprint(lm: LanguageModel) -> str:
-    """A short hash of the model's dimensions, unembedding and final-norm weights (what a lens depends on)."""
-    h = hashlib.sha256(json.dumps(asdict(lm.dims), sort_keys=True).encode())
-    for module in (get_module(lm.model, lm.spec.unembed), get_module(lm.model, lm.spec.final_norm)):
-        weight = getattr(module, "weight", None)
-        if weight is not None:
-            h.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def lens_identity(lm: LanguageModel) -> ModelIdentity:
+    """``lm``'s identity with the fingerprint of what a lens depends on: the unembedding and final-norm weights."""
+    names = [f"{path}.weight" for path in (lm.spec.unembed, lm.spec.final_norm)
+             if getattr(get_module(lm.model, path), "weight", None) is not None]
+    return ModelIdentity.of(lm, names)
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,8 @@ class TunedLens:
     def identity(cls, lm: LanguageModel) -> TunedLens:
         """The untrained lens: every translator is the identity, so it reads exactly like the logit lens."""
         d, rows = lm.dims.d_model, lm.dims.n_layers + 1
-        return cls(torch.eye(d).repeat(rows, 1, 1), torch.zeros(rows, d), lens_sites(lm)[1], model_fingerprint(lm))
+        return cls(torch.eye(d).repeat(rows, 1, 1), torch.zeros(rows, d), lens_sites(lm)[1],
+                   str(lens_identity(lm).fingerprint))
 
     def translate(self, row: int, resid: torch.Tensor) -> torch.Tensor:
         """Row ``row``'s translator applied to residual states ``[..., d_model]``."""
@@ -114,7 +112,7 @@ class TunedLens:
         eye = torch.eye(d, device=states.device)
         weight = torch.cat([eye + delta.detach(), eye[None]]).cpu()
         full_bias = torch.cat([bias.detach(), torch.zeros(1, d, device=states.device)]).cpu()
-        return cls(weight, full_bias, lens_sites(lm)[1], model_fingerprint(lm),
+        return cls(weight, full_bias, lens_sites(lm)[1], str(lens_identity(lm).fingerprint),
                    {"steps": steps, "lr": lr, "seed": seed, "batch_tokens": batch_tokens, "n_tokens": n})
 
     # -- saving --------------------------------------------------------------------------------------------------
@@ -134,10 +132,9 @@ class TunedLens:
         return lens
 
     def _check_model(self, lm: LanguageModel) -> None:
-        if self.fingerprint != model_fingerprint(lm):
-            raise InputError(f"a model matching the lens's fingerprint {self.fingerprint}",
-                             f"{lm!r} with fingerprint {model_fingerprint(lm)}",
-                             "train a lens for this model with TunedLens.train(lm, texts)")
+        identity = lens_identity(lm)
+        dataclasses.replace(identity, fingerprint=self.fingerprint).check(
+            lm, "a tuned lens trained for", "train a lens for this model with TunedLens.train(lm, texts)")
 
 
 def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

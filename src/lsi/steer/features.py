@@ -7,7 +7,7 @@ and ``encode(x) -> a`` (``[..., d] -> [..., n_features]``). Then, at one site of
   token of the positive inputs minus the same over the negative inputs (token-weighted, like
   :func:`lsi.steer.directions.diff_in_means`);
 * :func:`feature_vector`: ``v = Σ_{j∈J} δ_j f_j`` over the ``top`` features ``J`` of largest ``|δ_j|``;
-* :class:`FeatureSteering`: both, returned as an :class:`~lsi.steer.ablation.AddVector` at the site with the
+* :class:`FeatureSteering`: both, returned as an :class:`~lsi.core.interventions.Add` at the site with the
   chosen feature ids.
 
 For a linear encoder ``a = x W_decᵀ`` whose ``W_dec`` is an orthonormal basis, ``v`` with every feature kept is
@@ -21,7 +21,7 @@ Example:
     ...     W_dec = torch.eye(32)
     ...     def encode(self, x): return x
     >>> found = FeatureSteering.fit(lm, Identity(), [[3, 10]], [[3, 11]], "blocks.0.resid_pre", top=4)
-    >>> len(found.features), found.steering.site
+    >>> len(found.features), str(found.steering.site)
     (4, 'blocks.0.resid_pre')
 """
 
@@ -32,12 +32,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from lsi.core.interventions import Scope
+from lsi.core.interventions import Add
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import Site
+from lsi.core.steering import Scope, check_finite
 from lsi.errors import InputError, ShapeMismatchError
-from lsi.steer.ablation import AddVector
-from lsi.steer.base import check_finite
 from lsi.steer.directions import one_site
 
 if TYPE_CHECKING:
@@ -130,10 +129,10 @@ def feature_vector(sae: FeatureDictionary, deltas: torch.Tensor, *,
 @dataclass(frozen=True)
 class FeatureSteering:
     """A feature-dictionary steering vector: ``steering`` adds ``alpha · Σ_{j∈J} δ_j f_j`` at the site (an
-    :class:`~lsi.steer.ablation.AddVector`), ``features`` is ``J`` (largest ``|δ_j|`` first) and ``deltas`` every
+    :class:`~lsi.core.interventions.Add`), ``features`` is ``J`` (largest ``|δ_j|`` first) and ``deltas`` every
     ``δ_j``."""
 
-    steering: AddVector
+    steering: Add
     features: list[int]
     deltas: torch.Tensor
 
@@ -145,4 +144,4 @@ class FeatureSteering:
         ``site`` (in ``scope``) with strength ``alpha``."""
         deltas = feature_deltas(lm, sae, positive, negative, site, positions=positions, batch_size=batch_size)
         vector, chosen = feature_vector(sae, deltas, top=top)
-        return cls(AddVector(site, vector, alpha, scope=scope, model=lm), chosen, deltas)
+        return cls(Add(site, vector, alpha, scope=scope, model=lm), chosen, deltas)

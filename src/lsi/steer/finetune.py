@@ -23,7 +23,7 @@ Layers may be patterns as in site names (``blocks.*.mlp.post[3]``). GPT-2's Conv
 
 :func:`masked_finetune` trains only the masked entries of a loss plus ``kl_weight`` times the KL divergence from
 the original model on ``preserve`` inputs, then puts the original weights back and returns the change as a
-:class:`~lsi.steer.base.WeightEdit` (zero outside the mask).
+:class:`~lsi.core.weight_edit.WeightEdit` (zero outside the mask).
 
 Example:
     >>> import lsi, torch
@@ -52,9 +52,9 @@ import torch
 from lsi.arch.dims import get_module, out_in
 from lsi.core.inputs import Batch, Inputs
 from lsi.core.sites import Site
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, SiteError
 from lsi.locate.result import By, LocateResult
-from lsi.steer.base import WeightEdit
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel

@@ -34,21 +34,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lsi.core.interventions import Add, Intervention, Scope
+from lsi.arch.dims import get_module
+from lsi.core.folding import Folding, Writer, bias_of, check_everywhere
+from lsi.core.identity import ModelIdentity, as_identity
+from lsi.core.interventions import Add, Intervention
 from lsi.core.positions import All, Positions, PositionSpec, as_positions
 from lsi.core.sites import Site
-from lsi.errors import IndexOutOfRangeError, InputError, ShapeMismatchError
-from lsi.locate.probing import ProbePosition, probe
-from lsi.steer.base import (
-    ModelSignature,
+from lsi.core.steering import (
+    Scope,
     Steering,
-    as_signature,
     check_finite,
     check_scaled,
     check_scope,
     positions_from_json,
     positions_json,
 )
+from lsi.errors import IndexOutOfRangeError, InputError, ShapeMismatchError
+from lsi.locate.probing import ProbePosition, probe
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
@@ -74,12 +76,12 @@ class HeadShift(Steering):
     alpha: float = 1.0
     positions: Positions = dataclasses.field(default_factory=All)
     scope: Scope = "all"
-    model: ModelSignature | None = None
+    model: ModelIdentity | None = None
     checks_logits = True
 
     def __init__(self, heads: Sequence[tuple[int, int]], shifts: torch.Tensor, alpha: float = 1.0, *,
                  positions: PositionSpec = "all", scope: Scope = "all",
-                 model: LanguageModel | ModelSignature | None = None) -> None:
+                 model: LanguageModel | ModelIdentity | None = None) -> None:
         pairs = tuple((int(layer), int(head)) for layer, head in heads)
         if not pairs or len(set(pairs)) != len(pairs):
             raise InputError("one or more distinct (layer, head) pairs", repr(list(pairs)),
@@ -95,7 +97,7 @@ class HeadShift(Steering):
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "positions", as_positions(positions))
         object.__setattr__(self, "scope", scope)
-        object.__setattr__(self, "model", as_signature(model))
+        object.__setattr__(self, "model", as_identity(model))
         check_scaled(self.alpha, self.shifts, torch.float32, "shifts")
 
     def layer_shifts(self, lm: LanguageModel) -> dict[int, torch.Tensor]:
@@ -119,12 +121,29 @@ class HeadShift(Steering):
         return [Add(f"blocks.{layer}.attn.z", block, self.alpha, positions=self.positions, scope=self.scope)
                 for layer, block in sorted(self.layer_shifts(lm).items())]
 
+    def folding(self, lm: LanguageModel) -> Folding:
+        """At every position: a bias ``W_O s`` on each shifted layer's attention output projection (exact also under
+        a post-attention norm, which acts after the projection); it reads ``W_O``, so no other leaf may rescale
+        those layers' projections."""
+        check_everywhere(self, "an addition")
+        layers = frozenset(self.layer_shifts(lm))
+        return Folding(self._fold, layers=layers, reads=layers)
+
+    def _fold(self, lm: LanguageModel) -> None:
+        for layer, z_shift in self.layer_shifts(lm).items():
+            path = lm.spec.layer_path(layer, lm.spec.o_proj)
+            writer = Writer(f"blocks.{layer}.attn.out", path, get_module(lm.model, path), lm.spec.conv1d)
+            bias = bias_of(lm, writer)
+            delta = writer.weight.detach().double() @ (self.alpha * z_shift.double().flatten()).to(bias.device)
+            with torch.no_grad():
+                bias.copy_((bias.double() + delta).to(bias.dtype))
+
     def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return ({"heads": [list(h) for h in self.heads], "alpha": self.alpha,
                  "positions": positions_json(self.positions), "scope": self.scope}, {"shifts": self.shifts})
 
     @classmethod
-    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelSignature) -> HeadShift:
+    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelIdentity) -> HeadShift:
         return cls([tuple(h) for h in meta["heads"]], tensors["shifts"], meta["alpha"],
                    positions=positions_from_json(meta["positions"]), scope=meta["scope"], model=model)
 
@@ -145,7 +164,7 @@ class ITIDirections:
     directions: torch.Tensor
     sigma: torch.Tensor
     separation: torch.Tensor
-    model: ModelSignature
+    model: ModelIdentity
 
     def top_heads(self, k: int) -> list[tuple[int, int]]:
         """The ``k`` heads of highest probe accuracy, best first (ties: larger separation first)."""
@@ -164,7 +183,7 @@ class ITIDirections:
         return torch.stack([self.sigma[layer, head] * self.directions[layer, head] for layer, head in heads])
 
     def steering(self, k: int, alpha: float, *, positions: PositionSpec = "all", scope: Scope = "all",
-                 model: LanguageModel | ModelSignature | None = None) -> HeadShift:
+                 model: LanguageModel | ModelIdentity | None = None) -> HeadShift:
         """ITI: shift each of the top ``k`` heads by ``alpha · σ_h · θ̂_h`` (towards the positive set for
         ``alpha > 0``)."""
         heads = self.top_heads(k)
@@ -192,7 +211,7 @@ def iti_heads(lm: LanguageModel, positive: Inputs | Batch, negative: Inputs | Ba
     unit = torch.where(norm > 0, theta / norm.clamp_min(1e-300), torch.zeros_like(theta))
     sigma = (z * unit).sum(-1).std(0, unbiased=False)
     separation = torch.where(sigma > 0, norm[..., 0] / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
-    return ITIDirections(accuracy, unit.float(), sigma.float(), separation.float(), ModelSignature.of(lm))
+    return ITIDirections(accuracy, unit.float(), sigma.float(), separation.float(), ModelIdentity.of(lm))
 
 
 def head_features(lm: LanguageModel, inputs: Inputs | Batch, *, positions: ProbePosition = "last",

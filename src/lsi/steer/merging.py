@@ -1,6 +1,6 @@
 """Task vectors and model merging: task arithmetic (Ilharco et al. 2023) and TIES (Yadav et al. 2023).
 
-A task vector ``τ = W_ft − W_base`` is a :class:`~lsi.steer.base.WeightEdit` on the base model (so it applies,
+A task vector ``τ = W_ft − W_base`` is a :class:`~lsi.core.weight_edit.WeightEdit` on the base model (so it applies,
 composes, saves, folds and exports like any steering); :func:`masked_finetune`'s edits are task vectors too.
 
 * :func:`combine`: ``Σ_t λ_t τ_t``;
@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lsi.core.steering import check_finite
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import InputError, ModelMismatchError
-from lsi.steer.base import WeightEdit, check_finite
 from lsi.steer.finetune import ParameterMask
 
 if TYPE_CHECKING:

@@ -1,13 +1,14 @@
-"""Structural steering that folds into smaller or sparser weights: deleted layers, pruned heads and neurons.
+"""Structural steering that folds into smaller weights: deleted layers.
 
 * :class:`DeleteLayers` skips whole decoder layers: their attention and MLP writes are zeroed, so the residual
   stream passes through unchanged (with hooks; the layer still runs). :func:`delete_layers` removes them from a
   copy of the model, renumbering the rest, and is what :func:`lsi.steer.export.fold` does with this steering: the
   exported checkpoint has fewer layers and loads in plain ``transformers``.
-* An :class:`~lsi.steer.amplitude.Amplitude` that zeroes or scales heads (``attn.z[h]`` / ``attn.head_out[h]``)
-  or neurons (``mlp.post[j]``) at every position folds exactly into the columns of the attention output projection
-  or of the MLP down projection (:func:`scale_units`), also in families with post-norms: the change happens
-  before the projection.
+
+Pruned heads and neurons are :class:`~lsi.core.interventions.Zero` / :class:`~lsi.core.interventions.Scale` of
+``attn.z[h]``, ``attn.head_out[h]`` or ``mlp.post[j]``; at every position they fold exactly into the columns of the
+attention output projection or of the MLP down projection (:func:`lsi.core.folding.scale_units`), also in families
+with post-norms: the change happens before the projection.
 
 Example:
     >>> import lsi, torch
@@ -29,19 +30,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lsi.arch.dims import get_module, linear_weight
+from lsi.arch.dims import get_module
+from lsi.core.folding import Folding
+from lsi.core.identity import ModelIdentity, as_identity
 from lsi.core.interventions import Intervention, Zero
-from lsi.core.positions import All
-from lsi.errors import InputError, NotFoldableError
-from lsi.steer.ablation import copy_model
-from lsi.steer.amplitude import Amplitude
-from lsi.steer.base import ModelSignature, Steering, as_signature
+from lsi.core.model_copy import copy_model
+from lsi.core.steering import Steering
+from lsi.errors import InputError
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-
-UNIT_KINDS = ("attn.z", "attn.head_out", "mlp.post")  # per-head / per-neuron sites whose scaling folds
-
 
 @dataclass(frozen=True, eq=False, repr=False)
 class DeleteLayers(Steering):
@@ -49,24 +47,29 @@ class DeleteLayers(Steering):
     ``resid_post = resid_pre`` there (the layer's output equals its input, as if it were removed)."""
 
     layers: tuple[int, ...]
-    model: ModelSignature | None = None
+    model: ModelIdentity | None = None
 
-    def __init__(self, layers: Iterable[int], *, model: LanguageModel | ModelSignature | None = None) -> None:
+    def __init__(self, layers: Iterable[int], *, model: LanguageModel | ModelIdentity | None = None) -> None:
         chosen = tuple(sorted({int(layer) for layer in layers}))
         if not chosen:
             raise InputError("at least one layer to delete", "none", "e.g. DeleteLayers([2, 4])")
         object.__setattr__(self, "layers", chosen)
-        object.__setattr__(self, "model", as_signature(model))
+        object.__setattr__(self, "model", as_identity(model))
 
     def _ops(self, lm: LanguageModel) -> list[Intervention]:
         _check_layers(lm, self.layers)
         return [Zero(f"blocks.{layer}.{kind}") for layer in self.layers for kind in ("attn.out", "mlp.out")]
 
+    def folding(self, lm: LanguageModel) -> Folding:
+        """The layers removed from the folded copy (:func:`delete_layers`, last)."""
+        _check_layers(lm, self.layers)
+        return Folding(deletes=frozenset(self.layers))
+
     def _record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {"layers": list(self.layers)}, {}
 
     @classmethod
-    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelSignature) -> DeleteLayers:
+    def _restore(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelIdentity) -> DeleteLayers:
         return cls(meta["layers"], model=model)
 
     def __repr__(self) -> str:
@@ -107,34 +110,3 @@ def delete_layers(lm: LanguageModel, layers: Iterable[int]) -> LanguageModel:
         config.layer_types = [t for i, t in enumerate(types) if i not in dropped]
     config.num_hidden_layers = len(kept)
     return LanguageModel(target, lm.tokenizer, spec=lm.spec, verify=False)
-
-
-# -- heads and neurons ----------------------------------------------------------------------------------------------
-def check_unit_amplitude(lm: LanguageModel, amplitude: Amplitude) -> None:
-    """Refuse an amplitude that does not fold into projection columns (see :func:`scale_units`)."""
-    fix = "apply it with hooks (with steer.apply(lm): ...) instead of exporting it"
-    if amplitude.operation not in ("zero", "scale") or not isinstance(amplitude.positions, All) or \
-            amplitude.scope != "all":
-        raise NotFoldableError("a zero or scale amplitude at every position of prompt and generated tokens",
-                               f"{amplitude!r}", fix)
-    for site in lm.resolve_sites(list(amplitude.sites)):
-        if site.kind not in UNIT_KINDS or site.indices() is None:
-            raise NotFoldableError(f"heads or neurons ({', '.join(k + '[i]' for k in UNIT_KINDS)})", str(site),
-                                   "use DeleteLayers for whole layers; " + fix)
-
-
-def scale_units(lm: LanguageModel, amplitude: Amplitude) -> None:
-    """Fold a zero / scale of heads or neurons into ``lm``'s weights, in place: head ``h``'s columns of the
-    attention output projection, or neuron ``j``'s column of the MLP down projection, times 0 or ``alpha`` (their
-    biases stay: a head's or a neuron's write does not include them)."""
-    check_unit_amplitude(lm, amplitude)
-    factor = 0.0 if amplitude.operation == "zero" else float(amplitude.alpha or 0.0)
-    spec, d_head = lm.spec, lm.dims.d_head
-    for site in lm.resolve_sites(list(amplitude.sites)):
-        assert isinstance(site.layer, int)
-        is_head = site.kind != "mlp.post"
-        path = spec.layer_path(site.layer, spec.o_proj if is_head else spec.mlp_down)
-        weight = linear_weight(get_module(lm.model, path), spec.conv1d)  # [d_model, inputs], writes through
-        columns = [c for i in site.indices() or () for c in (range(i * d_head, (i + 1) * d_head) if is_head else [i])]
-        with torch.no_grad():
-            weight[:, columns] *= factor

@@ -6,9 +6,9 @@ Candidates are ``r_{i,l} = μ_harmful − μ_harmless`` of ``blocks.{l}.resid_pr
 validation prompts by the refusal score ``log p(R) − log(1 − p(R))`` at the last prompt position, ``p(R)`` the
 total probability of the refusal tokens:
 
-* ``bypass``: mean refusal score of harmful prompts under :class:`~lsi.steer.ablation.DirectionalAblation` of
+* ``bypass``: mean refusal score of harmful prompts under :class:`~lsi.steer.directional.DirectionalAblation` of
   ``r`` (lower = refusal removed better);
-* ``induce``: mean refusal score of harmless prompts under :class:`~lsi.steer.ablation.AddVector` of ``r`` at
+* ``induce``: mean refusal score of harmless prompts under :class:`~lsi.core.interventions.Add` of ``r`` at
   layer ``l``'s input, all positions;
 * ``kl``: mean KL(base ‖ ablated) of the last-position distribution on harmless prompts.
 
@@ -35,17 +35,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lsi.core.identity import ModelIdentity
+from lsi.core.interventions import Add
 from lsi.core.positions import Index, Positions, PositionSpec, as_positions
+from lsi.core.steering import Steering
 from lsi.errors import InputError
 from lsi.locate.metrics import last_positions
-from lsi.steer.ablation import AddVector, DirectionalAblation
-from lsi.steer.base import ModelSignature, Steering
+from lsi.steer.directional import DirectionalAblation
 from lsi.steer.directions import diff_in_means_by_site
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
-    from lsi.core.interventions import Scope
     from lsi.core.model import LanguageModel
+    from lsi.core.steering import Scope
 
 FILTERS = {"zero": "μ_harmful = μ_harmless (no direction)", "layer": "layer >= max_layer_fraction · n_layers",
            "kl": "KL on harmless prompts under ablation > kl_max", "induce": "induce score < 0 (adding r does not "
@@ -134,7 +136,7 @@ class RefusalSelection:
     chosen: RefusalCandidate | None
     baseline: dict[str, float]
     settings: dict[str, Any]
-    model: ModelSignature
+    model: ModelIdentity
 
     def pick(self) -> RefusalCandidate:
         """The chosen candidate; :class:`InputError` (with how many each filter discarded) when there is none."""
@@ -151,17 +153,17 @@ class RefusalSelection:
         """The chosen ``r`` (activation units)."""
         return self.pick().direction
 
-    def ablation(self, *, model: LanguageModel | ModelSignature | None = None) -> DirectionalAblation:
+    def ablation(self, *, model: LanguageModel | ModelIdentity | None = None) -> DirectionalAblation:
         """Directional ablation of the chosen direction at every layer's input and attention / MLP output (made
         for ``model``, default the model it was selected on)."""
         return DirectionalAblation(self.direction, model=model or self.model)
 
     def addition(self, alpha: float = 1.0, *, positions: PositionSpec = "all", scope: Scope = "all",
-                 model: LanguageModel | ModelSignature | None = None) -> AddVector:
+                 model: LanguageModel | ModelIdentity | None = None) -> Add:
         """``x <- x + alpha · r`` at the chosen layer's input (``alpha=1``: as the induce score measured it; made for
         ``model``, default the model it was selected on)."""
         chosen = self.pick()
-        return AddVector(chosen.site, chosen.direction, alpha, positions=positions, scope=scope,
+        return Add(chosen.site, chosen.direction, alpha, positions=positions, scope=scope,
                          model=model or self.model)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -248,7 +250,7 @@ def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmles
             ablation = DirectionalAblation(r)
             bypass = float(scores(harmful_val, ablation)[1].mean())
             kl = _kl(base_harmless, scores(harmless_val, ablation)[0])
-            induce = float(scores(harmless_val, AddVector(site, r))[1].mean())
+            induce = float(scores(harmless_val, Add(site, r))[1].mean())
             filters += ["kl"] * (kl > kl_max) + ["induce"] * (induce < 0)
             candidates.append(RefusalCandidate(layer, str(position), r, bypass, induce, kl, tuple(filters)))
     kept = [c for c in candidates if c.kept]
@@ -256,4 +258,4 @@ def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmles
     settings = {"positions": [str(p) for p in selectors],
                 "layers": chosen_layers, "max_layer_fraction": max_layer_fraction, "kl_max": kl_max,
                 "refusal_tokens": refusal.tolist()}
-    return RefusalSelection(tuple(candidates), best, baseline, settings, ModelSignature.of(lm))
+    return RefusalSelection(tuple(candidates), best, baseline, settings, ModelIdentity.of(lm))

@@ -20,7 +20,7 @@ as is; families with a norm after the MLP are refused with :class:`NotFoldableEr
    rounding of the stored ΔW), and every key with ``uᵀ k = 0`` (orthogonal to ``k*`` in the ``C⁻¹`` metric)
    keeps its value.
 
-The result of :func:`rome_edit` is a :class:`~lsi.steer.base.WeightEdit` (label ``"rome"``): applied in a
+The result of :func:`rome_edit` is a :class:`~lsi.core.weight_edit.WeightEdit` (label ``"rome"``): applied in a
 ``with`` block, saved and loaded (refused on other weights), composed, folded and exported with
 :func:`lsi.steer.export.export_hf`.
 
@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 from collections.abc import Sequence
@@ -50,16 +49,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lsi.core.bundle import load_bundle, save_bundle
+from lsi.core.folding import Writer, residual_writers
+from lsi.core.identity import ModelIdentity
 from lsi.core.interventions import Apply
+from lsi.core.steering import check_finite
+from lsi.core.weight_edit import WeightEdit
 from lsi.errors import IndexOutOfRangeError, InputError, ModelMismatchError
-from lsi.steer.ablation import Writer, residual_writers
-from lsi.steer.base import ModelSignature, WeightEdit, check_finite
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
     from lsi.core.model import LanguageModel
 
-FORMAT = 1
+FORMAT = 2  # 2: the model record holds every dimension
 RIDGE = 1e-6  # λ / mean diag C, added only when C is not positive definite
 N_PREFIXES, PREFIX_LENGTH = 5, 5  # default prefixes sampled from the corpus
 
@@ -230,7 +231,7 @@ class KeyStatistics:
     layer: int
     second_moment: torch.Tensor
     count: int
-    model: ModelSignature
+    model: ModelIdentity
 
     def check(self, lm: LanguageModel, layer: int) -> None:
         self.model.check(lm, "key statistics computed on")
@@ -258,7 +259,7 @@ class KeyStatistics:
         """Write ``path.json`` + ``path.safetensors``; returns the JSON path."""
         return save_bundle(path, {"second_moment": self.second_moment},
                            {"format": FORMAT, "kind": "lsi.key_statistics", "layer": self.layer, "count": self.count,
-                            "model": dataclasses.asdict(self.model)})
+                            "model": self.model.to_json()})
 
     @classmethod
     def load(cls, path: str | Path, lm: LanguageModel) -> KeyStatistics:
@@ -268,7 +269,7 @@ class KeyStatistics:
                                     format=FORMAT)
         if meta.get("kind") != "lsi.key_statistics":
             raise InputError("a key-statistics bundle", f"kind {meta.get('kind')!r}", "load it with its own loader")
-        stats = cls(meta["layer"], tensors["second_moment"], meta["count"], ModelSignature(**meta["model"]))
+        stats = cls(meta["layer"], tensors["second_moment"], meta["count"], ModelIdentity.from_json(meta["model"]))
         stats.check(lm, stats.layer)
         return stats
 
@@ -292,7 +293,7 @@ def key_statistics(lm: LanguageModel, layer: int, corpus: Inputs, *, batch_size:
         keys = lm.run_with_cache(batch, [site])[site][batch.attention_mask.bool()].double().cpu()
         total += keys.T @ keys
         count += len(keys)
-    return KeyStatistics(layer, total / count, count, ModelSignature.of(lm))
+    return KeyStatistics(layer, total / count, count, ModelIdentity.of(lm))
 
 
 # -- key, value, update ---------------------------------------------------------------------------------------------

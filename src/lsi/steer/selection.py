@@ -15,10 +15,9 @@ Run :func:`select` outside any steering: the corpus's reference distribution is 
 Example:
     >>> import lsi, torch
     >>> from lsi.testing import tiny_model
-    >>> from lsi.steer.ablation import AddVector
     >>> lm = lsi.LanguageModel(tiny_model("llama"))
     >>> v = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    >>> candidates = grid(lambda layer, alpha: AddVector(f"blocks.{layer}.resid_pre", v, alpha, model=lm),
+    >>> candidates = grid(lambda layer, alpha: lsi.Add(f"blocks.{layer}.resid_pre", v, alpha, model=lm),
     ...                   layer=[0, 1], alpha=[0.5, 1.0, 2.0])
     >>> p_token_7 = lambda m: float(m.forward([[5, 6, 7]])[0, -1].softmax(-1)[7])
     >>> sel = select(lm, candidates, success=p_token_7, corpus=[[3, 4, 5, 6, 7, 8]], tau=0.01)
@@ -41,9 +40,9 @@ import torch
 
 from lsi.core.bundle import write_json_atomic
 from lsi.core.inputs import Batch
+from lsi.core.steering import Steering
 from lsi.errors import InputError
 from lsi.locate.result import jsonable
-from lsi.steer.base import Steering
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Inputs

@@ -22,7 +22,7 @@ from lsi.bench.registry import Registry, always
 if TYPE_CHECKING:
     from lsi.bench.edit_tasks import EditCase, EditTask
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import Steering
+    from lsi.core.steering import Steering
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lsi.steer.rome import KeyStatistics, key_statistics, rome_edit
 if TYPE_CHECKING:
     from lsi.bench.edit_tasks import EditCase, EditTask
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import WeightEdit
+    from lsi.core.weight_edit import WeightEdit
 
 TRACE_SAMPLES = 10
 

@@ -2,11 +2,11 @@
 (:func:`lsi.steer.directions.diff_in_means_by_site`), read at every layer's input ``blocks.{l}.resid_pre`` and at
 each of the task's read positions (vectors that are zero, e.g. the embedding of a template token, are left out).
 
-- ``diff_in_means_addition`` (contrastive activation addition): ``AddVector(site, v, ±alpha)`` at every position
+- ``diff_in_means_addition`` (contrastive activation addition): ``Add(site, v, ±alpha)`` at every position
   of the chosen layer's input, for alpha in :data:`ALPHAS` (``+`` to induce the behaviour, ``−`` to remove it).
   The (layer, read position) is chosen on dev: the highest dev success within the task's KL budget over the same
   grid (each grid walked up only until it leaves the budget), ties → lower KL.
-- ``directional_ablation`` (Arditi et al. 2024): :class:`~lsi.steer.ablation.DirectionalAblation` of ``v̂`` at
+- ``directional_ablation`` (Arditi et al. 2024): :class:`~lsi.steer.directional.DirectionalAblation` of ``v̂`` at
   every layer's input and every attention and MLP output; the (layer, read position) whose ablation has the highest
   dev success within the KL budget (the lowest KL if none is within it). Removal tasks only.
 - ``random`` (baseline): a Gaussian direction scaled to the norm of diff_in_means_addition's chosen ``v``, added at
@@ -24,9 +24,10 @@ import torch
 
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.bench.steer_tasks import SteerTask, split_reference
+from lsi.core.interventions import Add
+from lsi.core.steering import Steering
 from lsi.errors import InputError
-from lsi.steer.ablation import AddVector, DirectionalAblation
-from lsi.steer.base import Steering
+from lsi.steer.directional import DirectionalAblation
 from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.selection import grid, select
 
@@ -74,9 +75,9 @@ def _sign(task: SteerTask) -> float:
 
 
 def addition_grid(task: SteerTask) -> Steerings:
-    """``(site, v) ->`` the additions ``AddVector(site, v, ±alpha)`` over :data:`ALPHAS` (``+`` to induce)."""
+    """``(site, v) ->`` the additions ``Add(site, v, ±alpha)`` over :data:`ALPHAS` (``+`` to induce)."""
     sign = _sign(task)
-    return lambda site, v: grid(lambda alpha: AddVector(site, v, sign * alpha), alpha=ALPHAS)
+    return lambda site, v: grid(lambda alpha: Add(site, v, sign * alpha), alpha=ALPHAS)
 
 
 @functools.lru_cache(maxsize=8)  # shared with the random baseline (tasks hash by identity)
@@ -87,9 +88,9 @@ def addition_choice(lm: LanguageModel, task: SteerTask) -> Choice:
 
 def additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
               settings: dict[str, object]) -> list[Candidate]:
-    """The candidates graded on test: ``AddVector(site, vector, ±alpha)`` for alpha in :data:`ALPHAS`."""
+    """The candidates graded on test: ``Add(site, vector, ±alpha)`` for alpha in :data:`ALPHAS`."""
     sign = _sign(task)
-    return [Candidate(AddVector(site, vector, sign * a, model=lm), {**settings, "site": site, "alpha": sign * a})
+    return [Candidate(Add(site, vector, sign * a, model=lm), {**settings, "site": site, "alpha": sign * a})
             for a in ALPHAS]
 
 

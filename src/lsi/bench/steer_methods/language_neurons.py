@@ -4,10 +4,10 @@
 LAPE (:func:`lsi.locate.magnitude.lape_neurons`) runs on the task's dev contrast sets taken as two languages
 (``positive`` = the language to induce or remove, ``negative`` = the other one), at every MLP neuron. Then:
 
-- ``induce``: :meth:`Amplitude.set <lsi.steer.amplitude.Amplitude.set>` of the positive language's neurons to
-  their mean activation over the dev positive inputs, plus :meth:`Amplitude.zero
-  <lsi.steer.amplitude.Amplitude.zero>` of the negative language's neurons ("activate" one language);
-- ``remove``: ``Amplitude.zero`` of the positive language's neurons ("deactivate" it).
+- ``induce``: :class:`~lsi.core.interventions.Set` of the positive language's neurons to their mean activation
+  over the dev positive inputs, plus :class:`~lsi.core.interventions.Zero` of the negative language's neurons
+  ("activate" one language);
+- ``remove``: ``Zero`` of the positive language's neurons ("deactivate" it).
 
 LAPE's ``top_rate`` (the fraction of all neurons selected) is the strength axis of the curve: one candidate per
 rate in :data:`TOP_RATES` (METHODS.md's range, 1–5 %); a rate that selects no neuron of a needed language gives no
@@ -24,13 +24,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
+from lsi.core.interventions import Set, Zero, reference_means
+from lsi.core.steering import compose
 from lsi.locate.magnitude import activation_probability, lape_neurons
-from lsi.steer.amplitude import Amplitude, group_units, reference_means
+from lsi.steer.located import group_units
 
 if TYPE_CHECKING:
     from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
-    from lsi.steer.base import Steering
+    from lsi.core.steering import Steering
 
 TOP_RATES = (0.01, 0.02, 0.03, 0.05)
 ORGANISMS = ("two_languages",)
@@ -48,9 +50,10 @@ def _steering(lm: LanguageModel, task: SteerTask, neurons: dict[str, list[str]])
     if not target:
         return None
     if task.goal == "remove":
-        return Amplitude.zero(target, model=lm)
-    activated = Amplitude.set(target, reference_means(lm, task.dev.positive, target), model=lm)
-    return activated + Amplitude.zero(other, model=lm) if other else activated
+        return compose(Zero(s, model=lm) for s in target)
+    means = reference_means(lm, task.dev.positive, target)
+    return compose([Set(s, m, model=lm) for s, m in zip(target, means, strict=True)],
+                   [Zero(s, model=lm) for s in other])
 
 
 def _run(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:

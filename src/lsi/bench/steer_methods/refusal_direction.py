@@ -3,7 +3,7 @@
 vs harmless ones), reading ``blocks.{l}.resid_pre`` at the three post-instruction tokens ``end assistant :``, with
 the refusal template's first token as the refusal token set and the dev contrast prompts as validation prompts.
 
-Removal tasks get the chosen direction's :class:`~lsi.steer.ablation.DirectionalAblation`; induce tasks add it at
+Removal tasks get the chosen direction's :class:`~lsi.steer.directional.DirectionalAblation`; induce tasks add it at
 its layer's input at the strengths of ``diff_in_means_addition`` (:data:`~lsi.bench.steer_methods.diff_in_means.
 ALPHAS`). Other organisms define no refusal tokens or post-instruction template, so the method does not apply.
 """

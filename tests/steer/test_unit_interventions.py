@@ -1,6 +1,6 @@
-"""Amplitude manipulation: zero / scale / mean / set equal plain torch hooks written by hand, positions and scope,
-save / load, shape and non-finite refusals, targets taken from locate results, and the two_languages organism
-(zeroing one language's recorded neurons hurts that language only)."""
+"""Zero / Scale / Mean / Set of heads, neurons and residual states equal plain torch hooks written by hand;
+positions and scope, save / load, shape and non-finite refusals, targets taken from locate results, and the
+two_languages organism (zeroing one language's recorded neurons hurts that language only)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 import lsi
 from lsi.arch.dims import get_module, linear_weight
+from lsi.core.steering import Steering, compose
 from lsi.errors import (
     IndexOutOfRangeError,
     InputError,
@@ -22,8 +23,7 @@ from lsi.errors import (
 from lsi.locate.result import LocateResult
 from lsi.organisms._common import encode, mean_nll
 from lsi.organisms.registry import ground_truth, load_organism
-from lsi.steer.amplitude import Amplitude, group_units, located_sites
-from lsi.steer.base import Steering
+from lsi.steer.located import group_units, located_sites
 
 FAMILIES = ("gpt2", "llama", "gpt_neox")
 IDS = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def _columns(cols, value):
 def test_zero_and_scale_equal_plain_torch_hooks(tiny_lm, family):
     lm = tiny_lm(family)
     base = lm.forward(IDS)
-    zero = Amplitude.zero(["blocks.0.mlp.post[3,17]", "blocks.1.mlp.post[5]"])
+    zero = lsi.Zero("blocks.0.mlp.post[3,17]") + lsi.Zero("blocks.1.mlp.post[5]")
     down = lm.spec.mlp_down
     with _input_edit(lm, 0, down, _columns([3, 17], 0.0)), _input_edit(lm, 1, down, _columns([5], 0.0)):
         expected = lm.forward(IDS)
@@ -69,7 +69,7 @@ def test_zero_and_scale_equal_plain_torch_hooks(tiny_lm, family):
     torch.testing.assert_close(_steered(lm, zero), expected, atol=1e-6, rtol=0)
 
     d_head = lm.dims.d_head
-    scale = Amplitude.scale(["blocks.1.attn.z[2]", "blocks.0.attn.z[0]"], 0.3)
+    scale = lsi.Scale("blocks.1.attn.z[2]", 0.3) + lsi.Scale("blocks.0.attn.z[0]", 0.3)
     head = lambda h: list(range(h * d_head, (h + 1) * d_head))  # noqa: E731
     with _input_edit(lm, 1, lm.spec.o_proj, _columns(head(2), lambda x: 0.3 * x)), \
             _input_edit(lm, 0, lm.spec.o_proj, _columns(head(0), lambda x: 0.3 * x)):
@@ -88,10 +88,10 @@ def test_mean_equals_the_brute_force_mean_over_real_tokens(tiny_lm, family):
             lm.forward([row])
     tokens = torch.cat([x[0] for x in seen])  # [real tokens, d_mlp]
     expected = tokens[:, [4, 30]].double().mean(0).float()
-    mean = Amplitude.mean(lm, "blocks.*.mlp.post[4,30]", REFERENCE, batch_size=2)
-    assert mean.sites == ("blocks.0.mlp.post[4,30]", "blocks.1.mlp.post[4,30]")
-    torch.testing.assert_close(mean.values[1], expected, atol=1e-6, rtol=0)
-    only_layer_1 = Amplitude("mean", "blocks.1.mlp.post[4,30]", values=[mean.values[1]])
+    mean = lsi.Mean.of(lm, "blocks.*.mlp.post[4,30]", REFERENCE, batch_size=2)
+    assert [str(leaf.site) for leaf in mean.leaves()] == ["blocks.0.mlp.post[4,30]", "blocks.1.mlp.post[4,30]"]
+    torch.testing.assert_close(mean.leaves()[1].value, expected, atol=1e-6, rtol=0)
+    only_layer_1 = lsi.Mean("blocks.1.mlp.post[4,30]", mean.leaves()[1].value)
     with _input_edit(lm, 1, lm.spec.mlp_down, _columns([4, 30], expected)):
         brute = lm.forward(IDS)
     assert float((brute - lm.forward(IDS)).abs().max()) > 1e-4
@@ -117,19 +117,16 @@ def test_set_head_output_and_residual_state(tiny_lm, family):
         expected = lm.forward(IDS)
     finally:
         handle.remove()
-    torch.testing.assert_close(_steered(lm, Amplitude.set("blocks.1.attn.head_out[2]", target)), expected,
+    torch.testing.assert_close(_steered(lm, lsi.Set("blocks.1.attn.head_out[2]", target)), expected,
                                atol=1e-5, rtol=0)
-    with lm.intervene(lsi.Set("blocks.1.resid_pre", target, positions=[0, 2])):
-        expected = lm.forward(IDS)
-    torch.testing.assert_close(_steered(lm, Amplitude.set(["blocks.1.resid_pre"], [target], positions=[0, 2])),
-                               expected, atol=0, rtol=0)
 
 
 @pytest.mark.unit
 def test_last_position_only_changes_the_last_prediction(tiny_lm):
     lm = tiny_lm("llama")
     base = lm.forward(IDS)
-    steered = _steered(lm, Amplitude.zero(["blocks.0.attn.head_out[1]", "blocks.0.mlp.post"], positions="last"))
+    steered = _steered(lm, compose(lsi.Zero(s, positions="last") for s in ["blocks.0.attn.head_out[1]",
+                                                                            "blocks.0.mlp.post"]))
     assert torch.equal(steered[:, :-1], base[:, :-1])
     assert float((steered[:, -1] - base[:, -1]).abs().min()) > 0.0
 
@@ -138,7 +135,7 @@ def test_last_position_only_changes_the_last_prediction(tiny_lm):
 @pytest.mark.parametrize("scope", ["generated", "prompt"])
 def test_scope_during_generate(tiny_lm, scope):
     lm = tiny_lm("gpt2")
-    steer = Amplitude.scale("blocks.*.resid_post", 3.0, scope=scope)
+    steer = lsi.Scale("blocks.*.resid_post", 3.0, scope=scope)
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
 
     def logits_per_step(steering=None) -> list[torch.Tensor]:
@@ -162,11 +159,12 @@ def test_scope_during_generate(tiny_lm, scope):
 @pytest.mark.unit
 def test_save_and_load_round_trip(tiny_lm, tmp_path):
     lm = tiny_lm("llama")
-    steer = (Amplitude.zero("blocks.0.mlp.post[3,17]", model=lm)
-             + Amplitude.scale("blocks.1.attn.z[2]", 1.5, positions=lsi.Match(9), scope="prompt", model=lm)
-             + Amplitude.mean(lm, ["blocks.1.mlp.post[4]", "blocks.0.attn.head_out[1]"], REFERENCE,
-                              positions=lsi.Span(1, 3))
-             + Amplitude.set("blocks.1.resid_pre", torch.linspace(-1, 1, 32), positions=[0, -1], model=lm))
+    steer = (lsi.Zero("blocks.0.mlp.post[3,17]", model=lm)
+             + lsi.Scale("blocks.1.attn.z[2]", 1.5, positions=lsi.Match(9), scope="prompt", model=lm)
+             + lsi.Mean.of(lm, ["blocks.1.mlp.post[4]", "blocks.0.attn.head_out[1]"], REFERENCE,
+                           positions=lsi.Span(1, 3))
+             + lsi.Set("blocks.1.resid_pre", torch.linspace(-1, 1, 32), positions=[0, -1], model=lm)
+             + lsi.Add("blocks.0.resid_post", torch.linspace(0, 1, 32), 0.5, scope="generated", model=lm))
     ids = IDS.clone()
     ids[:, 4] = 9  # the Match selector has tokens to match
     before = _steered(lm, steer, ids)
@@ -174,7 +172,8 @@ def test_save_and_load_round_trip(tiny_lm, tmp_path):
     loaded = Steering.load(steer.save(tmp_path / "amp"), lm)
     assert [repr(p) for p in loaded.leaves()] == [repr(p) for p in steer.leaves()]
     assert torch.equal(_steered(lm, loaded, ids), before)
-    assert tuple(loaded.leaves()[2].values[0].shape) == ()  # one neuron's mean is a scalar
+    assert tuple(loaded.leaves()[2].value.shape) == ()  # one neuron's mean is a scalar
+    assert [type(leaf).__name__ for leaf in loaded.leaves()] == ["Zero", "Scale", "Mean", "Mean", "Set", "Add"]
 
 
 @pytest.mark.unit
@@ -182,23 +181,19 @@ def test_bad_values_are_refused(tiny_lm):
     lm = tiny_lm("llama")
     base = lm.forward(IDS)
     with pytest.raises(ShapeMismatchError, match=r"shape \(32,\) for blocks.1.attn.head_out\[2\]"):
-        Amplitude.set("blocks.1.attn.head_out[2]", torch.ones(8)).apply(lm)
-    with pytest.raises(ShapeMismatchError, match=r"shape \(2,\)"):  # two neurons take two values
-        Amplitude.set("blocks.*.mlp.post[1,2]", torch.tensor(0.5)).apply(lm)
+        lsi.Set("blocks.1.attn.head_out[2]", torch.ones(8)).apply(lm)
+    with pytest.raises(ShapeMismatchError, match=r"shape \(2,\)"):  # two neurons take two values (or one)
+        lsi.Set("blocks.*.mlp.post[1,2]", torch.tensor([0.5, 0.5, 0.5])).apply(lm)
     with pytest.raises(NonFiniteSteeringError, match="1 NaN/inf"):
-        Amplitude.set("blocks.0.resid_pre", torch.tensor([0.0] * 31 + [math.nan]))
-    with pytest.raises(NonFiniteSteeringError, match="finite alpha"):
-        Amplitude.scale("blocks.0.mlp.post", math.inf)
-    with pytest.raises(InputError, match="one value per site"):
-        Amplitude.set(["blocks.0.mlp.post[1]", "blocks.1.mlp.post[1]"], [torch.tensor(0.0)])
-    with pytest.raises(InputError, match="values exactly"):
-        Amplitude("zero", "blocks.0.mlp.post", values=[torch.tensor(0.0)])
-    with pytest.raises(InputError, match="alpha exactly"):
-        Amplitude("scale", "blocks.0.mlp.post")
-    with pytest.raises(ReadOnlySiteError):
-        Amplitude.zero("blocks.0.attn.pattern[1]")
+        lsi.Set("blocks.0.resid_pre", torch.tensor([0.0] * 31 + [math.nan]))
+    with pytest.raises(NonFiniteSteeringError, match="finite factor"):
+        lsi.Scale("blocks.0.mlp.post", math.inf)
+    with pytest.raises(NonFiniteSteeringError, match=r"torch\.float16"):  # finite in float32, not in the model's dtype
+        lsi.Set("blocks.0.resid_pre", torch.full((32,), 1e5)).apply(tiny_lm("llama", dtype=torch.float16))
+    with pytest.raises(ReadOnlySiteError), lm.intervene(lsi.Zero("blocks.0.attn.pattern[1]")):
+        pass
     with pytest.raises(IndexOutOfRangeError):
-        Amplitude.zero("blocks.0.mlp.post[48]").apply(lm)
+        lsi.Zero("blocks.0.mlp.post[48]").apply(lm)
     assert torch.equal(lm.forward(IDS), base)  # nothing left applied
 
 
@@ -213,8 +208,8 @@ def test_from_locate_zeroes_exactly_the_located_neurons(tiny_lm, family):
     for label, score in planted.items():
         scores[labels.index(label)] = score
     result = LocateResult.over(labels, scores, method="planted")
-    steer = Amplitude.from_locate(result, 4, model=lm)
-    assert steer.sites == ("blocks.1.mlp.post[2,40]", "blocks.0.mlp.post[7,30]")
+    assert located_sites(result, 4) == ["blocks.1.mlp.post[2,40]", "blocks.0.mlp.post[7,30]"]
+    steer = compose(lsi.Zero(s, model=lm) for s in located_sites(result, 4))
     down = lm.spec.mlp_down
     with _input_edit(lm, 0, down, _columns([7, 30], 0.0)), _input_edit(lm, 1, down, _columns([2, 40], 0.0)):
         expected = lm.forward(IDS)
@@ -222,9 +217,8 @@ def test_from_locate_zeroes_exactly_the_located_neurons(tiny_lm, family):
     with _input_edit(lm, 0, down, _columns([7], 0.0)), _input_edit(lm, 1, down, _columns([2, 40], 0.0)):
         one_fewer = lm.forward(IDS)
     assert float((one_fewer - expected).abs().max()) > 1e-5  # every located neuron counts
-    lowest = Amplitude.from_locate(LocateResult.over(labels, -scores, method="ablation"), 1, "scale", alpha=0.0,
-                                   by="abs")
-    assert lowest.sites == ("blocks.1.mlp.post[40]",)
+    lowest = located_sites(LocateResult.over(labels, -scores, method="ablation"), 1, by="abs")
+    assert lowest == ["blocks.1.mlp.post[40]"]
 
 
 @pytest.mark.unit
@@ -233,15 +227,13 @@ def test_from_locate_reads_head_grids_and_refuses_other_labels(tiny_lm):
     grid = LocateResult(torch.tensor([[0.0, 0.9, 0.0, 0.0], [0.8, 0.0, 0.0, 0.7]]),
                         (("layer", ("0", "1")), ("head", ("0", "1", "2", "3"))), method="induction_scores")
     assert located_sites(grid, 3, head_site="attn.z") == ["blocks.0.attn.z[1]", "blocks.1.attn.z[0,3]"]
-    steer = Amplitude.from_locate(grid, 3, "mean", lm=lm, reference=REFERENCE)
-    assert steer.sites == ("blocks.0.attn.head_out[1]", "blocks.1.attn.head_out[0,3]")
-    assert [tuple(v.shape) for v in steer.values] == [(32,), (2, 32)]
+    steer = lsi.Mean.of(lm, located_sites(grid, 3), REFERENCE)
+    assert [str(leaf.site) for leaf in steer.leaves()] == ["blocks.0.attn.head_out[1]", "blocks.1.attn.head_out[0,3]"]
+    assert [tuple(leaf.value.shape) for leaf in steer.leaves()] == [(32,), (2, 32)]
     with pytest.raises(InputError, match="name sites"):
-        Amplitude.from_locate(LocateResult.over(["blocks.0", "blocks.1"], [1.0, 2.0], method="bi"), 1)
-    with pytest.raises(InputError, match="lm= and reference="):
-        Amplitude.from_locate(grid, 1, "mean")
+        located_sites(LocateResult.over(["blocks.0", "blocks.1"], [1.0, 2.0], method="bi"), 1)
     with pytest.raises(InputError, match=r"k in \[1, 8\]"):
-        Amplitude.from_locate(grid, 9)
+        located_sites(grid, 9)
     assert group_units(["blocks.0.mlp.post[3]", "blocks.*.mlp.post[1]", "blocks.0.mlp.post[3]"]) == \
         ["blocks.0.mlp.post[3]", "blocks.*.mlp.post[1]"]
 
@@ -254,8 +246,8 @@ def test_zeroing_one_languages_neurons_hurts_that_language_only():
     docs = {lang: [encode(vocab, d.split()) for d in gt["splits"]["test"][lang][:60]] for lang in ("A", "B")}
     base = {lang: mean_nll(lm.forward, seqs, pad) for lang, seqs in docs.items()}
     for lang, other in (("A", "B"), ("B", "A")):
-        steer = Amplitude.zero(group_units(gt["neurons"][lang]), model=lm)
-        assert len(steer.sites) == lm.dims.n_layers  # one op per layer
+        steer = compose(lsi.Zero(s, model=lm) for s in group_units(gt["neurons"][lang]))
+        assert len(steer.leaves()) == lm.dims.n_layers  # one op per layer
         with steer.apply(lm):
             nll = {k: mean_nll(lm.forward, seqs, pad) for k, seqs in docs.items()}
         own, side = math.exp(nll[lang] - base[lang]), math.exp(nll[other] - base[other])
