@@ -1,0 +1,1 @@
+"""The hook engine: sites, bindings, the model wrapper, interventions and steerings, caches and stores."""

@@ -1,0 +1,1 @@
+"""Model organisms: small models trained on synthetic tasks with planted, verified mechanisms."""
