@@ -64,7 +64,7 @@ class Derived:
     The engine binds it where the parent is bound (same layer). ``write`` gets the parent's current value, the
     derived value the model uses now and the new one; it typically adds a delta (a decoder applied to
     ``new - old``). Without ``write`` the kind is read-only. A kind that exists on some layers only, or whose
-    functions depend on the layer, uses a :data:`BindingRule` that calls :func:`lsi.core.bindings.bind_derived`.
+    functions depend on the layer, uses a :class:`BindingRule` that calls :func:`lsi.core.bindings.bind_derived`.
     """
 
     parent: str
@@ -109,7 +109,7 @@ class SiteKind:
         return size
 
 
-HEAD_AXES = ("n_heads", "n_kv_heads")
+_HEAD_AXES = ("n_heads", "n_kv_heads")
 _WORD = r"[a-z_][a-z0-9_]*"
 _PARAM = r"\[[^\[\]\s]+\]"
 _KIND = rf"(?:{_WORD}(?:{_PARAM})?\.)*{_WORD}"
@@ -206,7 +206,7 @@ def registered_site_kind(kind: SiteKind) -> Iterator[SiteKind]:
 def _kinds_with_index(heads: bool) -> str:
     """The kinds whose ``[i]`` addresses a head (``heads``) or a neuron / feature (not ``heads``)."""
     names = [k.name for k in SITE_KINDS.values()
-             if k.index_name is not None and (k.index_name in HEAD_AXES) == heads]
+             if k.index_name is not None and (k.index_name in _HEAD_AXES) == heads]
     return ", ".join(names)
 
 
@@ -243,9 +243,9 @@ class Site:
         given = [v for v in (index, head, unit) if v is not None]
         if len(given) > 1:
             raise SiteError("at most one of index=, head=, unit=", f"{len(given)} of them", "pass only one")
-        if head is not None and info.index_name not in HEAD_AXES:
+        if head is not None and info.index_name not in _HEAD_AXES:
             raise SiteError("head= only on per-head sites", f"head= on {kind!r}", "use " + _kinds_with_index(True))
-        if unit is not None and (info.index_name is None or info.index_name in HEAD_AXES):
+        if unit is not None and (info.index_name is None or info.index_name in _HEAD_AXES):
             raise SiteError("unit= only on neuron or feature sites", f"unit= on {kind!r}",
                             "use " + _kinds_with_index(False))
         idx = given[0] if given else None
