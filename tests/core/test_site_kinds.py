@@ -252,10 +252,14 @@ def test_a_rule_can_bind_a_derived_kind_on_some_layers_only(tiny_lm):
         return bind_derived(site, derived, model, spec, dims)
 
     name = "resid_post.sae[one].acts"
+    with registered_site_kind(sae.kind(name)):  # first under the same name on every layer
+        assert lm.site_shape(f"blocks.0.{name}") == (1, 1, D_SAE)
     kind = SiteKind(name, ("batch", "pos", "d_sae"), "toy SAE at layer 1", layer_one_only, index_axis=2,
                     sizes={"d_sae": D_SAE})
     with registered_site_kind(kind):
         assert [s for s in lm.available_sites() if s.kind == name] == [Site(name, 1)]
+        with pytest.raises(SiteUnavailableError, match="trained on"):
+            lm.site_shape(f"blocks.0.{name}")  # what the model knew of the earlier kind does not carry over
         with pytest.raises(SiteUnavailableError, match="trained on"):
             lm.run_with_cache(IDS, f"blocks.*.{name}")
         cache = lm.run_with_cache(IDS, f"blocks.1.{name}")

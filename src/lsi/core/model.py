@@ -31,7 +31,7 @@ from lsi.core.hooks import HookSession
 from lsi.core.inputs import Batch, Inputs, PaddingSide, to_batch
 from lsi.core.interventions import Intervention
 from lsi.core.positions import PositionSpec, as_positions
-from lsi.core.sites import SITE_KINDS, Site, as_sites
+from lsi.core.sites import SITE_KINDS, LayerSpec, Site, SiteKind, as_sites
 from lsi.core.weights import Weights
 from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
 
@@ -68,6 +68,7 @@ class LanguageModel:
         for i, candidate in enumerate(candidates):
             self.spec = candidate
             self.dims = ModelDims.read(model, candidate)
+            self._bound: set[tuple[SiteKind, LayerSpec | None]] = set()  # (kind, layer) found available
             self.attn_switched_from: str | None = None
             if not (verify if verify is not None else self.probed):
                 break
@@ -131,8 +132,10 @@ class LanguageModel:
         return tuple(shape)
 
     def _check_available(self, site: Site) -> None:
-        for concrete in site.without_index().expand(self.dims.n_layers):
-            bind(concrete, self.model, self.spec, self.dims)  # raises SiteUnavailableError where there is none
+        if (site.info, site.layer) not in self._bound:  # a kind's rule refuses sites this model does not have
+            for concrete in site.without_index().expand(self.dims.n_layers):
+                bind(concrete, self.model, self.spec, self.dims)
+            self._bound.add((site.info, site.layer))
         idx, axis = site.indices(), site.info.index_axis
         if idx is not None and axis is not None:
             from lsi.errors import IndexOutOfRangeError
