@@ -267,3 +267,21 @@ def test_a_rule_can_bind_a_derived_kind_on_some_layers_only(tiny_lm):
             expected = sae.encode(_resid_post(lm, IDS, 1)[1])
         torch.testing.assert_close(cache[f"blocks.1.{name}"], expected, atol=0, rtol=0)
     assert_no_hooks(lm.model)
+
+
+def test_kinds_need_not_be_hashable(tiny_lm):
+    """Rules and read / write functions may be unhashable callables (e.g. a dataclass with ``__call__``)."""
+
+    class Halve:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, x):
+            return x / 2
+
+    lm = tiny_lm("llama")
+    kind = SiteKind("resid_post.half", ("batch", "pos", "d_model"), "resid_post / 2", Derived("resid_post", Halve()))
+    with registered_site_kind(kind):
+        assert lm.site_shape("blocks.0.resid_post.half") == (1, 1, lm.dims.d_model)
+        cache = lm.run_with_cache(IDS, ["blocks.0.resid_post.half", "blocks.0.resid_post"])
+        torch.testing.assert_close(cache["blocks.0.resid_post.half"], cache["blocks.0.resid_post"] / 2, atol=0,
+                                   rtol=0)

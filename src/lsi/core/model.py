@@ -68,7 +68,7 @@ class LanguageModel:
         for i, candidate in enumerate(candidates):
             self.spec = candidate
             self.dims = ModelDims.read(model, candidate)
-            self._bound: set[tuple[SiteKind, LayerSpec | None]] = set()  # (kind, layer) found available
+            self._bound: dict[tuple[str, LayerSpec | None], SiteKind] = {}  # (kind, layer) found available
             self.attn_switched_from: str | None = None
             if not (verify if verify is not None else self.probed):
                 break
@@ -132,10 +132,11 @@ class LanguageModel:
         return tuple(shape)
 
     def _check_available(self, site: Site) -> None:
-        if (site.info, site.layer) not in self._bound:  # a kind's rule refuses sites this model does not have
+        key = (site.kind, site.layer)
+        if self._bound.get(key) is not site.info:  # a kind's rule refuses sites this model does not have
             for concrete in site.without_index().expand(self.dims.n_layers):
                 bind(concrete, self.model, self.spec, self.dims)
-            self._bound.add((site.info, site.layer))
+            self._bound[key] = site.info
         idx, axis = site.indices(), site.info.index_axis
         if idx is not None and axis is not None:
             from lsi.errors import IndexOutOfRangeError
