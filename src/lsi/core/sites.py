@@ -141,6 +141,9 @@ class SiteKindRegistry(Mapping[str, SiteKind]):
     def __contains__(self, name: object) -> bool:
         return name in self._all()
 
+    def get(self, name: str, default: SiteKind | None = None) -> SiteKind | None:  # type: ignore[override]
+        return self._all().get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._all())
 
@@ -237,9 +240,9 @@ class Site:
 
     def __init__(self, kind: str, layer: LayerSpec | None = None, index: IndexSpec = None, *,
                  head: IndexSpec = None, unit: IndexSpec = None) -> None:
-        if kind not in SITE_KINDS:
+        info = SITE_KINDS.get(kind)
+        if info is None:
             raise SiteError("a site kind", repr(kind), _suggest(kind))
-        info = SITE_KINDS[kind]
         given = [v for v in (index, head, unit) if v is not None]
         if len(given) > 1:
             raise SiteError("at most one of index=, head=, unit=", f"{len(given)} of them", "pass only one")
