@@ -131,7 +131,7 @@ def test_constructor_errors():
         Site("resid_prre", 0)
     with pytest.raises(SiteError, match="head= only on per-head sites"):
         Site("resid_pre", 0, head=1)
-    with pytest.raises(SiteError, match="unit= only on neuron sites"):
+    with pytest.raises(SiteError, match="unit= only on neuron or feature sites"):
         Site("attn.z", 0, unit=1)
     with pytest.raises(SiteError, match="at most one"):
         Site("mlp.post", 0, index=1, unit=2)

@@ -25,12 +25,13 @@ import torch
 from lsi.arch.dims import ModelDims, get_module
 from lsi.arch.registry import candidate_specs
 from lsi.arch.spec import ArchSpec
+from lsi.core.bindings import bind
 from lsi.core.cache import ActivationCache
 from lsi.core.hooks import HookSession
 from lsi.core.inputs import Batch, Inputs, PaddingSide, to_batch
 from lsi.core.interventions import Intervention
 from lsi.core.positions import PositionSpec, as_positions
-from lsi.core.sites import SITE_KINDS, Site, as_sites
+from lsi.core.sites import SITE_KINDS, LayerSpec, Site, SiteKind, as_sites
 from lsi.core.steering import Steering, compose
 from lsi.core.weight_edit import added_to_weights
 from lsi.core.weights import Weights
@@ -69,6 +70,7 @@ class LanguageModel:
         for i, candidate in enumerate(candidates):
             self.spec = candidate
             self.dims = ModelDims.read(model, candidate)
+            self._bound: dict[tuple[str, LayerSpec | None], SiteKind] = {}  # (kind, layer) found available
             self.attn_switched_from: str | None = None
             if not (verify if verify is not None else self.probed):
                 break
@@ -107,10 +109,14 @@ class LanguageModel:
         """Every concrete site this model has (one per layer for per-layer kinds)."""
         out: list[Site] = []
         for kind in SITE_KINDS.values():
-            if kind.name == "resid_mid" and self.parallel_attn:
-                continue
             layers: list[int | None] = list(range(self.dims.n_layers)) if kind.per_layer else [None]
-            out.extend(Site(kind.name, layer) for layer in layers)
+            for layer in layers:
+                site = Site(kind.name, layer)
+                try:
+                    bind(site, self.model, self.spec, self.dims)
+                except SiteUnavailableError:
+                    continue
+                out.append(site)
         return out
 
     def site_shape(self, site: str | Site, *, batch: int = 1, pos: int = 1) -> tuple[int, ...]:
@@ -118,27 +124,27 @@ class LanguageModel:
         s = Site.parse(site)
         self._check_available(s)
         sizes = {"batch": batch, "pos": pos, "q_pos": pos, "k_pos": pos}
-        shape = [sizes[d] if d in sizes else self.dims.size(d) for d in s.info.shape]
+        shape = [sizes[d] if d in sizes else s.info.dim_size(d, self.dims) for d in s.info.shape]
         if s.info.index_axis is not None and s.indices() is not None:
             n = len(s.indices())  # type: ignore[arg-type]
             if isinstance(s.index, int):
                 del shape[s.info.index_axis]
             else:
                 shape[s.info.index_axis] = n
-        return tuple(int(x) for x in shape)  # type: ignore[arg-type]
+        return tuple(shape)
 
     def _check_available(self, site: Site) -> None:
-        if site.kind == "resid_mid" and self.parallel_attn:
-            raise SiteUnavailableError(
-                f"a site of {self.family} (parallel attention: attention and MLP both read resid_pre)", str(site),
-                "use resid_pre, attn.out and mlp.out; resid_post = resid_pre + attn.out + mlp.out")
+        key = (site.kind, site.layer)
+        if self._bound.get(key) is not site.info:  # a kind's rule refuses sites this model does not have
+            for concrete in site.without_index().expand(self.dims.n_layers):
+                bind(concrete, self.model, self.spec, self.dims)
+            self._bound[key] = site.info
         idx, axis = site.indices(), site.info.index_axis
         if idx is not None and axis is not None:
             from lsi.errors import IndexOutOfRangeError
 
             name = site.info.shape[axis]
-            size = self.dims.size(name)
-            assert size is not None
+            size = site.info.dim_size(name, self.dims)
             bad = [i for i in idx if not 0 <= i < size]
             if bad:
                 raise IndexOutOfRangeError(f"{name} indices in [0, {size - 1}]", f"{bad} in {site}",

@@ -1,9 +1,16 @@
 """Sites: the canonical names of interpretable objects, as selector objects whose string form round-trips.
 
 A site is a kind (``resid_pre``, ``attn.head_out``, ...) plus, for per-layer kinds, a layer selector and, for
-kinds with a head or neuron axis, an optional index. Layer selectors may be patterns: ``*`` (every layer),
+kinds with a head or unit axis, an optional index. Layer selectors may be patterns: ``*`` (every layer),
 ``a:b`` (half-open range, negatives allowed) or ``a,b,c``; :meth:`Site.expand` turns a pattern into concrete
 sites for a model.
+
+Kinds are open: :func:`register_site_kind` adds a :class:`SiteKind` (its shape, definition and binding rule),
+and every registered kind parses, caches, patches and takes gradients like the built-in ones (which register
+through the same function, from :data:`lsi.core.bindings.BUILT_IN_KINDS`). A kind name is dot-separated words,
+each optionally parameterised in brackets, ending in a word: ``resid_post.sae[res-16k].acts`` is one kind, so
+``blocks.3.resid_post.sae[res-16k].acts[7]`` is unit 7 of it at layer 3. A *derived* kind reads its value from
+a parent site and writes a new value back into it (:class:`Derived`).
 
 Example:
     >>> s = Site.parse("blocks.*.attn.head_out[3]")
@@ -11,72 +18,208 @@ Example:
     ['blocks.0.attn.head_out[3]', 'blocks.1.attn.head_out[3]']
     >>> str(Site("resid_post", layer=-1).expand(n_layers=4)[0])
     'blocks.3.resid_post'
+    >>> double = SiteKind("resid_post.double", ("batch", "pos", "d_model"), "2 x resid_post",
+    ...                   Derived("resid_post", read=lambda x: 2 * x, write=lambda x, old, new: new / 2))
+    >>> with registered_site_kind(double):
+    ...     print(Site.parse("blocks.1.resid_post.double").info.definition)
+    2 x resid_post
+    >>> "resid_post.double" in SITE_KINDS
+    False
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from lsi.errors import IndexOutOfRangeError, SiteError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lsi.arch.dims import ModelDims
+    from lsi.arch.spec import ArchSpec
+    from lsi.core.bindings import Binding
+
+
+class BindingRule(Protocol):
+    """How a kind binds to a model: the :class:`~lsi.core.bindings.Binding` of a concrete, index-free site.
+
+    A rule raises :class:`~lsi.errors.SiteUnavailableError` where the model has no such site.
+    """
+
+    def __call__(self, site: Site, model: nn.Module, spec: ArchSpec, dims: ModelDims, /) -> Binding: ...
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A kind computed from a parent site: ``read(parent) -> value``, ``write(parent, old, new) -> new parent``.
+
+    The engine binds it where the parent is bound (same layer). ``write`` gets the parent's current value, the
+    derived value the model uses now and the new one; it typically adds a delta (a decoder applied to
+    ``new - old``). Without ``write`` the kind is read-only. A kind that exists on some layers only, or whose
+    functions depend on the layer, uses a :class:`BindingRule` that calls :func:`lsi.core.bindings.bind_derived`.
+    """
+
+    parent: str
+    read: Callable[[torch.Tensor], torch.Tensor]
+    write: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class SiteKind:
-    """What a kind of site is: its shape (by dimension name) and which axes select positions and units."""
+    """What a kind of site is: its shape (by dimension name), which axes select positions and units, and how it
+    binds to a model (a :class:`BindingRule` or a :class:`Derived`).
+
+    Dimension names are model dimensions (``d_model``, ``n_heads``, ...), positions (``batch``, ``pos``,
+    ``q_pos``, ``k_pos``) or the kind's own, sized in ``sizes`` (e.g. ``{"d_sae": 16384}``).
+    """
 
     name: str
     shape: tuple[str, ...]
     definition: str
+    binding: BindingRule | Derived
     per_layer: bool = True
-    index_axis: int | None = None  # axis addressed by ``[i]``: a head or a neuron
+    index_axis: int | None = None  # axis addressed by ``[i]``: a head, a neuron or a feature
     position_axis: int = 1
+    sizes: Mapping[str, int] = field(default_factory=dict, hash=False)
+    transformer_lens: str | None = None  # hook name (per-layer kinds: the part after ``blocks.{i}.``)
 
     @property
     def index_name(self) -> str | None:
         return None if self.index_axis is None else self.shape[self.index_axis]
 
+    @property
+    def parent(self) -> str | None:
+        """The kind a derived kind is read from; ``None`` for kinds bound directly."""
+        return self.binding.parent if isinstance(self.binding, Derived) else None
 
-_KINDS = (
-    SiteKind("embed", ("batch", "pos", "d_model"), "token (+ learned positional) embedding = blocks.0.resid_pre",
-             per_layer=False),
-    SiteKind("resid_pre", ("batch", "pos", "d_model"), "input of decoder layer i"),
-    SiteKind("resid_mid", ("batch", "pos", "d_model"), "resid_pre + attn.out (sequential-attention families only)"),
-    SiteKind("resid_post", ("batch", "pos", "d_model"), "output of layer i = resid_pre[i+1] (before final norm)"),
-    SiteKind("attn.out", ("batch", "pos", "d_model"), "what attention adds to the residual stream"),
-    SiteKind("attn.z", ("batch", "pos", "n_heads", "d_head"), "per-head mixed values (input of W_O)", index_axis=2),
-    SiteKind("attn.head_out", ("batch", "pos", "n_heads", "d_model"), "per-head write z_h @ W_O[h]", index_axis=2),
-    SiteKind("attn.pattern", ("batch", "n_heads", "q_pos", "k_pos"), "post-softmax attention probabilities",
-             index_axis=1, position_axis=2),
-    SiteKind("attn.q", ("batch", "pos", "n_heads", "d_head"), "query projection (before rotary embedding)",
-             index_axis=2),
-    SiteKind("attn.k", ("batch", "pos", "n_kv_heads", "d_head"), "key projection (before rotary embedding)",
-             index_axis=2),
-    SiteKind("attn.v", ("batch", "pos", "n_kv_heads", "d_head"), "value projection", index_axis=2),
-    SiteKind("mlp.out", ("batch", "pos", "d_model"), "what the MLP adds to the residual stream"),
-    SiteKind("mlp.post", ("batch", "pos", "d_mlp"), "neuron activations = input of the down projection",
-             index_axis=2),
-    SiteKind("mlp.pre", ("batch", "pos", "d_mlp"), "pre-activation (the gate branch for gated MLPs)", index_axis=2),
-    SiteKind("ln_final", ("batch", "pos", "d_model"), "final-norm output", per_layer=False),
-    SiteKind("logits", ("batch", "pos", "vocab"), "unembedding output", per_layer=False),
-)
-SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in _KINDS}
+    def dim_size(self, name: str, dims: ModelDims) -> int:
+        """Size of a named (non-position) dimension of this kind on a model with ``dims``."""
+        size = self.sizes[name] if name in self.sizes else dims.size(name)
+        if size is None:
+            raise SiteError(f"a size for dimension {name!r} of {self.name!r}", "none",
+                            f"register the kind with sizes={{{name!r}: ...}} or use a model dimension name")
+        return size
+
+
+_HEAD_AXES = ("n_heads", "n_kv_heads")
+_WORD = r"[a-z_][a-z0-9_]*"
+_PARAM = r"\[[^\[\]\s]+\]"
+_KIND = rf"(?:{_WORD}(?:{_PARAM})?\.)*{_WORD}"
+_KIND_RE = re.compile(rf"^{_KIND}$")
+_SITE_RE = re.compile(rf"^(?:blocks\.(?P<layer>[^.\[\]]+)\.)?(?P<kind>{_KIND})(?:\[(?P<index>[^\]]*)\])?$")
+_LAYER_PATTERN_RE = re.compile(r"^(\*|-?\d+:-?\d+|-?\d*:-?\d*|-?\d+(,-?\d+)+)$")
 
 LayerSpec = int | str  # an index, or a pattern: "*", "a:b", "a,b,c"
 IndexSpec = int | tuple[int, ...] | None
 
-_SITE_RE = re.compile(r"^(?:blocks\.(?P<layer>[^.\[\]]+)\.)?(?P<kind>[a-z_]+(?:\.[a-z_]+)?)(?:\[(?P<index>[^\]]*)\])?$")
-_LAYER_PATTERN_RE = re.compile(r"^(\*|-?\d+:-?\d+|-?\d*:-?\d*|-?\d+(,-?\d+)+)$")
+
+class SiteKindRegistry(Mapping[str, SiteKind]):
+    """The registered site kinds by name, built-in kinds first; read-only (see :func:`register_site_kind`)."""
+
+    def __init__(self, builtins: str) -> None:
+        self._kinds: dict[str, SiteKind] = {}
+        self._builtins: str | None = builtins  # the module defining BUILT_IN_KINDS, until they are registered
+
+    def _all(self) -> dict[str, SiteKind]:
+        if self._builtins is not None:  # on first use: the built-in kinds' rules need torch, so load them late
+            module, self._builtins = self._builtins, None
+            for kind in importlib.import_module(module).BUILT_IN_KINDS:
+                register_site_kind(kind)
+        return self._kinds
+
+    def __getitem__(self, name: str) -> SiteKind:
+        return self._all()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._all()
+
+    def get(self, name: str, default: SiteKind | None = None) -> SiteKind | None:  # type: ignore[override]
+        return self._all().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+SITE_KINDS = SiteKindRegistry("lsi.core.bindings")
+
+
+def register_site_kind(kind: SiteKind) -> SiteKind:
+    """Add a site kind; from then on sites of that kind parse, cache, patch and take gradients.
+
+    Raises :class:`~lsi.errors.SiteError` for a malformed or taken name, a kind whose axes do not fit its shape,
+    or a derived kind whose parent is not registered (or differs in having layers).
+    """
+    kinds = SITE_KINDS._all()
+    name = kind.name
+    if not _KIND_RE.match(name) or name.split(".")[0] == "blocks":
+        raise SiteError("a kind name of dot-separated lowercase words, each optionally with a [parameter], "
+                        "ending in a word (e.g. 'resid_post.sae[res-16k].acts')", repr(name), "rename the kind")
+    if name in kinds:
+        raise SiteError("a site kind name not registered yet", repr(name),
+                        f"choose another name, or unregister_site_kind({name!r}) first")
+    axes = [a for a in (kind.index_axis, kind.position_axis) if a is not None]
+    if any(not 0 <= a < len(kind.shape) for a in axes):
+        raise SiteError(f"index and position axes within the shape {kind.shape}", f"axes {axes} of {name!r}",
+                        "count axes from 0 in the shape tuple")
+    parent = kind.parent
+    if parent is not None:
+        if parent not in kinds:
+            raise SiteError(f"a registered parent kind for {name!r}", repr(parent),
+                            "register the parent first; " + _suggest(parent))
+        if kinds[parent].per_layer != kind.per_layer:
+            raise SiteError(f"per_layer={kinds[parent].per_layer} like its parent {parent!r}",
+                            f"per_layer={kind.per_layer}", f"pass per_layer={kinds[parent].per_layer}")
+    kinds[name] = kind
+    return kind
+
+
+def unregister_site_kind(name: str) -> SiteKind:
+    """Remove a registered kind (e.g. a detached SAE's); refused while a derived kind still reads from it."""
+    kinds = SITE_KINDS._all()
+    if name not in kinds:
+        raise SiteError("a registered site kind", repr(name), _suggest(name))
+    children = [k.name for k in kinds.values() if k.parent == name]
+    if children:
+        raise SiteError(f"no derived kind reading from {name!r}", f"{children} still do",
+                        "unregister those kinds first")
+    return kinds.pop(name)
+
+
+@contextmanager
+def registered_site_kind(kind: SiteKind) -> Iterator[SiteKind]:
+    """Register ``kind`` for the ``with`` block only (tests, scoped extensions)."""
+    register_site_kind(kind)
+    try:
+        yield kind
+    finally:
+        unregister_site_kind(kind.name)
+
+
+def _kinds_with_index(heads: bool) -> str:
+    """The kinds whose ``[i]`` addresses a head (``heads``) or a neuron / feature (not ``heads``)."""
+    names = [k.name for k in SITE_KINDS.values()
+             if k.index_name is not None and (k.index_name in _HEAD_AXES) == heads]
+    return ", ".join(names)
 
 
 def _example_names() -> list[str]:
-    return [k.name if not k.per_layer else f"blocks.0.{k.name}" for k in _KINDS]
+    return [k.name if not k.per_layer else f"blocks.0.{k.name}" for k in SITE_KINDS.values()]
 
 
 def _suggest(text: str) -> str:
-    kind = text.split("[")[0]
-    kind = re.sub(r"^blocks\.[^.]+\.", "", kind)
+    kind = re.sub(r"^blocks\.[^.]+\.", "", text.strip())
+    kind = re.sub(r"\[[^\]]*\]$", "", kind)
     close = difflib.get_close_matches(kind, list(SITE_KINDS), n=3, cutoff=0.5)
     if close:
         return "did you mean " + " or ".join(repr(c) for c in close) + "? Valid kinds: " + ", ".join(SITE_KINDS)
@@ -87,8 +230,8 @@ def _suggest(text: str) -> str:
 class Site:
     """A site selector: ``Site("attn.head_out", layer=5, head=3)`` or ``Site.parse("blocks.5.attn.head_out[3]")``.
 
-    ``layer`` is an int (negative counts from the end) or a pattern string; ``index`` addresses a head or neuron
-    (``head=`` and ``unit=`` are aliases that also check the kind has that axis).
+    ``layer`` is an int (negative counts from the end) or a pattern string; ``index`` addresses a head, a neuron
+    or a feature (``head=`` and ``unit=`` are aliases that also check the kind has that axis).
     """
 
     kind: str
@@ -97,21 +240,22 @@ class Site:
 
     def __init__(self, kind: str, layer: LayerSpec | None = None, index: IndexSpec = None, *,
                  head: IndexSpec = None, unit: IndexSpec = None) -> None:
-        if kind not in SITE_KINDS:
+        info = SITE_KINDS.get(kind)
+        if info is None:
             raise SiteError("a site kind", repr(kind), _suggest(kind))
-        info = SITE_KINDS[kind]
         given = [v for v in (index, head, unit) if v is not None]
         if len(given) > 1:
             raise SiteError("at most one of index=, head=, unit=", f"{len(given)} of them", "pass only one")
-        if head is not None and info.index_name not in ("n_heads", "n_kv_heads"):
-            raise SiteError("head= only on per-head sites", f"head= on {kind!r}", "use attn.z, attn.head_out, ...")
-        if unit is not None and info.index_name != "d_mlp":
-            raise SiteError("unit= only on neuron sites", f"unit= on {kind!r}", "use mlp.post or mlp.pre")
+        if head is not None and info.index_name not in _HEAD_AXES:
+            raise SiteError("head= only on per-head sites", f"head= on {kind!r}", "use " + _kinds_with_index(True))
+        if unit is not None and (info.index_name is None or info.index_name in _HEAD_AXES):
+            raise SiteError("unit= only on neuron or feature sites", f"unit= on {kind!r}",
+                            "use " + _kinds_with_index(False))
         idx = given[0] if given else None
         if isinstance(idx, list):
             idx = tuple(idx)
         if idx is not None and info.index_axis is None:
-            raise SiteError(f"no index on {kind!r} (it has no head or neuron axis)", f"index {idx!r}",
+            raise SiteError(f"no index on {kind!r} (it has no head, neuron or feature axis)", f"index {idx!r}",
                             "drop the [..] part")
         if info.per_layer and layer is None:
             raise SiteError(f"a layer for {kind!r}", "none", f"write e.g. 'blocks.0.{kind}' or 'blocks.*.{kind}'")
@@ -129,7 +273,10 @@ class Site:
 
     @classmethod
     def parse(cls, text: str | Site) -> Site:
-        """Parse ``'blocks.{layer}.{kind}[index]'`` or a global kind (``'embed'``, ``'ln_final'``, ``'logits'``)."""
+        """Parse ``'blocks.{layer}.{kind}[index]'`` or a global kind (``'embed'``, ``'ln_final'``, ``'logits'``).
+
+        ``kind`` is any registered kind, parameterised ones included (``'blocks.3.resid_post.sae[res].acts[7]'``).
+        """
         if isinstance(text, Site):
             return text
         m = _SITE_RE.match(text.strip())
@@ -209,18 +356,6 @@ def as_sites(sites: str | Site | list[str | Site] | tuple[str | Site, ...], n_la
 
 # --- TransformerLens names -------------------------------------------------------------------------------
 
-_TO_TL = {
-    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-    "attn.out": "hook_attn_out", "mlp.out": "hook_mlp_out",
-    "attn.z": "attn.hook_z", "attn.q": "attn.hook_q", "attn.k": "attn.hook_k", "attn.v": "attn.hook_v",
-    "attn.pattern": "attn.hook_pattern", "attn.head_out": "attn.hook_result",
-    "mlp.pre": "mlp.hook_pre", "mlp.post": "mlp.hook_post",
-}
-_GLOBAL_TO_TL = {"embed": "hook_embed", "ln_final": "ln_final.hook_normalized"}
-_FROM_TL = {v: k for k, v in _TO_TL.items()}
-_GLOBAL_FROM_TL = {v: k for k, v in _GLOBAL_TO_TL.items()}
-
-
 def to_transformer_lens(site: str | Site) -> str:
     """TransformerLens hook name of a concrete site (``blocks.3.attn.z`` -> ``blocks.3.attn.hook_z``).
 
@@ -229,20 +364,21 @@ def to_transformer_lens(site: str | Site) -> str:
     TransformerLens hook.
     """
     s = Site.parse(site)
-    if s.kind in _GLOBAL_TO_TL:
-        return _GLOBAL_TO_TL[s.kind]
-    if s.kind not in _TO_TL:
-        raise SiteError("a site with a TransformerLens hook", str(s), "logits are the model output; no hook exists")
-    return f"blocks.{s.layer}.{_TO_TL[s.kind]}"
+    name = s.info.transformer_lens
+    if name is None:
+        raise SiteError("a site with a TransformerLens hook", str(s), f"{s.kind!r} has no hook in TransformerLens")
+    return name if s.layer is None else f"blocks.{s.layer}.{name}"
 
 
 def from_transformer_lens(name: str) -> Site:
     """Site for a TransformerLens hook name (``blocks.3.hook_resid_post`` -> ``blocks.3.resid_post``)."""
-    if name in _GLOBAL_FROM_TL:
-        return Site(_GLOBAL_FROM_TL[name])
+    per_layer = {k.transformer_lens: k.name for k in SITE_KINDS.values() if k.per_layer and k.transformer_lens}
+    global_ = {k.transformer_lens: k.name for k in SITE_KINDS.values() if not k.per_layer and k.transformer_lens}
+    if name in global_:
+        return Site(global_[name])
     m = re.match(r"^blocks\.(-?\d+)\.(.+)$", name)
-    if not m or m.group(2) not in _FROM_TL:
-        close = difflib.get_close_matches(name, [f"blocks.0.{v}" for v in _FROM_TL] + list(_GLOBAL_FROM_TL), n=3)
+    if not m or m.group(2) not in per_layer:
+        close = difflib.get_close_matches(name, [f"blocks.0.{v}" for v in per_layer] + list(global_), n=3)
         raise SiteError("a TransformerLens hook name", repr(name), f"closest: {close}" if close else
                         "use names like 'blocks.0.hook_resid_pre'")
-    return Site(_FROM_TL[m.group(2)], int(m.group(1)))
+    return Site(per_layer[m.group(2)], int(m.group(1)))
