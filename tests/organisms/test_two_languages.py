@@ -214,7 +214,7 @@ def _planted(lm, task, truth: dict):
 
 @pytest.mark.integration
 def test_planted_steerings_reach_each_steer_task_within_the_kl_budget_and_others_fail(steer, truth: dict) -> None:
-    from lsi.bench.steer_tasks import measure, split_reference
+    from lsi.evaluation.steer import measure, split_reference
     from lsi.steer.amplitude import Amplitude, group_units
 
     lm, tasks = steer
@@ -240,8 +240,7 @@ def test_language_neurons_locates_with_lape_on_dev_and_reaches_both_tasks(steer)
     import dataclasses
 
     from lsi.bench.steer_registry import get_steer_methods
-    from lsi.bench.steer_tasks import measure, split_reference
-    from lsi.steer.selection import best_at_kl
+    from lsi.evaluation.steer import best_at_kl, measure, split_reference
 
     lm, tasks = steer
     (method,) = get_steer_methods(["language_neurons"])[1:]

@@ -12,9 +12,10 @@ import torch
 
 from lsi.core.inputs import Batch
 from lsi.errors import InputError
+from lsi.evaluation.steer import CurvePoint, SteerScores, best_at_kl, divergence, reference
 from lsi.steer.ablation import AddVector
 from lsi.steer.base import Steering
-from lsi.steer.selection import CurvePoint, Selection, best_at_kl, divergence, grid, reference, select
+from lsi.steer.selection import Selection, grid, select
 
 TOKEN = 7
 PROMPTS = torch.randint(3, 97, (6, 5), generator=torch.Generator().manual_seed(1))
@@ -77,7 +78,7 @@ def test_kl_and_delta_loss_match_a_hand_computation_on_either_padding_side():
 
 @pytest.mark.unit
 def test_best_at_kl_picks_the_most_successful_point_within_the_budget():
-    curve = [CurvePoint({"name": name}, s, kl, 0.0) for name, s, kl in (
+    curve = [CurvePoint({"name": name}, SteerScores(s), kl, 0.0) for name, s, kl in (
         ("weak", 0.2, 0.01), ("tie, more KL", 0.6, 0.05), ("tie, less KL", 0.6, 0.03), ("on the budget", 0.7, 0.1),
         ("beyond", 0.9, 0.2))]
     assert best_at_kl(curve, 0.1).settings["name"] == "on the budget"  # KL == tau counts as within
@@ -145,7 +146,7 @@ def test_the_chosen_point_is_the_brute_force_argmax_within_the_budget(measured_g
     assert sel.steering_of(sel.curve[0]).alpha == ALPHAS[0] and sel.skipped == ()
     assert "success" in str(sel) and f"<= {tau:g}" in str(sel)
     with pytest.raises(InputError, match="a point of this selection's curve"):
-        sel.steering_of(CurvePoint({}, 0.0, 0.0, 0.0))
+        sel.steering_of(CurvePoint({}, SteerScores(0.0), 0.0, 0.0))
 
 
 @pytest.mark.unit

@@ -28,8 +28,8 @@ from lsi.locate.magnitude import activation_probability, lape_neurons
 from lsi.steer.amplitude import Amplitude, group_units, reference_means
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import SteerTask
     from lsi.steer.base import Steering
 
 TOP_RATES = (0.01, 0.02, 0.03, 0.05)

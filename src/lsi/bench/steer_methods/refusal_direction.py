@@ -4,8 +4,8 @@ vs harmless ones), reading ``blocks.{l}.resid_pre`` at the three post-instructio
 the refusal template's first token as the refusal token set and the dev contrast prompts as validation prompts.
 
 Removal tasks get the chosen direction's :class:`~lsi.steer.ablation.DirectionalAblation`; induce tasks add it at
-its layer's input at the strengths of ``diff_in_means_addition`` (:data:`~lsi.bench.steer_methods.diff_in_means.
-ALPHAS`). Other organisms define no refusal tokens or post-instruction template, so the method does not apply.
+its layer's input at the strengths of ``diff_in_means_addition`` (:data:`lsi.steer.selection.ADDITION_ALPHAS`).
+Other organisms define no refusal tokens or post-instruction template, so the method does not apply.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from lsi.organisms import refusal_gate
 from lsi.steer.refusal import RefusalSelection, select_refusal_direction
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import SteerTask
 
 
 @functools.lru_cache(maxsize=4)  # the two refusal_gate tasks share nothing but the model: one run each
