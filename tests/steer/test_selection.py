@@ -234,3 +234,42 @@ def test_save_and_load_round_trip(measured_grid, tmp_path):
     sel.steering.save(tmp_path / "plain")
     with pytest.raises(InputError, match=r"a selection written by Selection\.save"):
         Selection.load(tmp_path / "plain", lm)
+
+
+# -- recipes on a task's dev split -----------------------------------------------------------------------------------
+def _token_task(lm, goal: str = "induce"):
+    """A task on the tiny model: success = mean probability of TOKEN after the prompts; the positive set ends in it."""
+    from lsi.evaluation.steer import SteerSplit, SteerTask
+
+    def success(model) -> SteerScores:
+        return SteerScores(float(model.forward(PROMPTS)[:, -1].softmax(-1)[:, TOKEN].mean()))
+
+    positive = torch.cat([PROMPTS[:, :4], torch.full((6, 1), TOKEN)], 1)
+    split = SteerSplit(positive=positive, negative=PROMPTS, measure=success, corpus=CORPUS)
+    return SteerTask("toy", "more token 7", goal, split, split, tau=0.01)
+
+
+@pytest.mark.unit
+def test_choose_on_dev_takes_the_choice_with_the_best_candidate_within_the_budget(tiny_lm):
+    from lsi.steer.selection import (ADDITION_ALPHAS, DevChoice, addition_grid, additions, choose_on_dev,
+                                     contrast_directions)
+
+    lm = tiny_lm("llama")
+    task = _token_task(lm)
+    choices = contrast_directions(lm, task)
+    assert [c.site for c in choices] == ["blocks.0.resid_pre", "blocks.1.resid_pre"][: len(choices)]
+    chosen = choose_on_dev(lm, task, addition_grid(task), choices)
+    # brute force: every choice's grid measured without early stopping, the best point within the budget
+    ref = reference(lm, CORPUS)
+    best = []
+    for i, (site, _, v) in enumerate(choices):
+        for a in ADDITION_ALPHAS:
+            with AddVector(site, v, a).apply(lm):
+                kl, _ = divergence(lm.forward(ref.batch), ref)
+                best.append((task.dev.measure(lm).success, -kl, i) if kl <= task.tau else None)
+    within = [b for b in best if b is not None]
+    assert within and len(within) < len(best)  # the budget binds
+    assert chosen is choices[max(within)[2]]
+    assert isinstance(chosen, DevChoice)
+    curve = additions(lm, _token_task(lm, "remove"), chosen.site, chosen.vector)
+    assert [s for s, _ in curve] == [{"site": chosen.site, "alpha": -a} for a in ADDITION_ALPHAS]
