@@ -251,8 +251,14 @@ def _token_task(lm, goal: str = "induce"):
 
 @pytest.mark.unit
 def test_choose_on_dev_takes_the_choice_with_the_best_candidate_within_the_budget(tiny_lm):
-    from lsi.steer.selection import (ADDITION_ALPHAS, DevChoice, addition_grid, additions, choose_on_dev,
-                                     contrast_directions)
+    from lsi.steer.selection import (
+        ADDITION_ALPHAS,
+        DevChoice,
+        addition_grid,
+        additions,
+        choose_on_dev,
+        contrast_directions,
+    )
 
     lm = tiny_lm("llama")
     task = _token_task(lm)

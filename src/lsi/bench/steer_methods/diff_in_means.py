@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.steer.ablation import DirectionalAblation
-from lsi.steer.selection import DevChoice, addition_grid, choose_on_dev, contrast_directions
-from lsi.steer.selection import additions as addition_curve
+from lsi.steer.selection import DevChoice, addition_grid, additions, choose_on_dev, contrast_directions
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
@@ -40,22 +40,22 @@ def addition_choice(lm: LanguageModel, task: SteerTask) -> DevChoice:
     return choose_on_dev(lm, task, addition_grid(task), directions(lm, task))
 
 
-def additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
-              settings: dict[str, object]) -> list[Candidate]:
+def addition_candidates(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor,
+              settings: Mapping[str, object]) -> list[Candidate]:
     """The candidates graded on test (:func:`lsi.steer.selection.additions`), with ``settings`` first."""
-    return [Candidate(steering, {**settings, **at}) for at, steering in addition_curve(lm, task, site, vector)]
+    return [Candidate(steering, {**settings, **at}) for at, steering in additions(lm, task, site, vector)]
 
 
 def _addition(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     site, position, v = addition_choice(lm, task)
-    return additions(lm, task, site, v, {"position": position, "norm": round(float(v.norm()), 4)})
+    return addition_candidates(lm, task, site, v, {"position": position, "norm": round(float(v.norm()), 4)})
 
 
 def _random(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     site, _, v = addition_choice(lm, task)
     gen = torch.Generator().manual_seed(random.Random(f"{task.organism}/{task.name}/{seed}").getrandbits(63))
     r = torch.randn(v.numel(), generator=gen)
-    return additions(lm, task, site, r * (v.norm() / r.norm()), {"norm": round(float(v.norm()), 4)})
+    return addition_candidates(lm, task, site, r * (v.norm() / r.norm()), {"norm": round(float(v.norm()), 4)})
 
 
 def _ablation(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from lsi.bench.steer_methods.diff_in_means import additions
+from lsi.bench.steer_methods.diff_in_means import addition_candidates
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.organisms import refusal_gate
 from lsi.steer.refusal import RefusalSelection, select_refusal_direction
@@ -36,8 +36,8 @@ def _run(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     chosen = result.pick()  # raises, with how many each filter discarded, when no candidate is left
     if task.goal == "remove":
         return [Candidate(result.ablation(model=lm), {"layer": chosen.layer, "position": chosen.position})]
-    return additions(lm, task, chosen.site, chosen.direction, {"position": chosen.position,
-                                                               "norm": round(float(chosen.direction.norm()), 4)})
+    settings = {"position": chosen.position, "norm": round(float(chosen.direction.norm()), 4)}
+    return addition_candidates(lm, task, chosen.site, chosen.direction, settings)
 
 
 def _refusal_gate_only(task: SteerTask) -> str | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lsi.bench.steer_methods.diff_in_means import additions, directions
+from lsi.bench.steer_methods.diff_in_means import addition_candidates, directions
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.steer.directions import pca_of_differences, probe_direction, site_features
 from lsi.steer.selection import DevChoice, addition_grid, choose_on_dev
@@ -53,7 +53,8 @@ def scaled_choices(lm: LanguageModel, task: SteerTask, derive: Derive) -> list[D
 def _method(derive: Derive) -> Callable[[LanguageModel, SteerTask, int], list[Candidate]]:
     def run(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
         site, position, vector = choose_on_dev(lm, task, addition_grid(task), scaled_choices(lm, task, derive))
-        return additions(lm, task, site, vector, {"position": position, "norm": round(float(vector.norm()), 4)})
+        settings = {"position": position, "norm": round(float(vector.norm()), 4)}
+        return addition_candidates(lm, task, site, vector, settings)
 
     return run
 
