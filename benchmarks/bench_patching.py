@@ -72,7 +72,7 @@ from typing import Any, Literal
 import torch
 
 import lsi
-from lsi.bench.metrics import rank_correlation
+from lsi.evaluation.ranking import rank_correlation
 from lsi.locate.gradients import attribution_patching
 from lsi.locate.metrics import kl_to
 from lsi.locate.patching import DEFAULT_BATCH_SIZE, activation_patching

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import lsi
-from lsi.bench.metrics import rank_correlation
+from lsi.evaluation.ranking import rank_correlation
 from lsi.locate import circuits, gradients, heads, layers, patching, probing, tuned_lens, vocab
 from lsi.locate.metrics import logit_diff
 

@@ -27,9 +27,10 @@ import torch
 
 import lsi
 from lsi import Add, Steering
+from lsi.evaluation.steer import measured, reference
 from lsi.steer.directions import diff_in_means_by_site
 from lsi.steer.export import export_hf
-from lsi.steer.selection import Selection, grid, measured, reference, select
+from lsi.steer.selection import Selection, grid, select
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "stories260k"
 
@@ -239,7 +240,7 @@ def run(sections: list[str]) -> dict[str, dict[str, Any]]:
     torch.set_num_threads(1)
     s = setup()
     assert s.selection.best is not None
-    figures: dict[str, dict[str, Any]] = {"select": {**s.selection.best.as_dict(), "measured": len(s.selection.curve),
+    figures: dict[str, dict[str, Any]] = {"select": {**s.selection.best.to_json(), "measured": len(s.selection.curve),
                                                      "skipped": len(s.selection.skipped)}}
     figures.update({name: SECTIONS[name](s) for name in sections})
     return figures

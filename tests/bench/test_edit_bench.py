@@ -13,13 +13,15 @@ import torch
 from click.testing import CliRunner
 
 from lsi.bench.edit_methods import EditMethod, EditOutput, get_edit_methods
-from lsi.bench.edit_tasks import CaseScores, EditCase, EditTask, harmonic_score, measure_case, summarize
-from lsi.bench.groundtruth import _settings_summary, grade_edit_task, render_edit_table
+from lsi.bench.groundtruth import grade_edit_task, settings_summary
+from lsi.bench.records import EditRun, EditTaskResult
 from lsi.cli.main import cli
 from lsi.core.weight_edit import WeightEdit, added_to_weights
 from lsi.errors import InputError
+from lsi.evaluation.edit import CaseScores, EditCase, EditTask, harmonic_score, measure_case, summarize
+from lsi.evaluation.steer import reference
+from lsi.report.text import edit_table
 from lsi.steer.rome import EditRequest
-from lsi.steer.selection import reference
 
 NEW, TRUE = 7, 8
 DOWN = "model.layers.1.mlp.down_proj.weight"
@@ -95,8 +97,8 @@ def test_summaries_average_cases_and_take_the_harmonic_mean():
     assert harmonic_score(1.0, 0.0, 1.0) == 0.0
     settings = [{"layer": 0, "moved": 10, "kind": "a"}, {"layer": 0, "moved": 12, "kind": "b"},
                 {"layer": 2, "moved": 14, "kind": "a"}]
-    assert _settings_summary(settings) == {"layer": {"0": 2, "2": 1}, "moved": 12.0, "kind": {"a": 2, "b": 1}}
-    assert _settings_summary([{"layer": 1}, {"layer": 1}]) == {"layer": 1}
+    assert settings_summary(settings) == {"layer": {"0": 2, "2": 1}, "moved": 12.0, "kind": {"a": 2, "b": 1}}
+    assert settings_summary([{"layer": 1}, {"layer": 1}]) == {"layer": 1}
 
 
 @pytest.mark.unit
@@ -121,7 +123,9 @@ def test_runner_grades_every_row_of_every_case_next_to_the_unedited_model(tiny_l
 
     methods = [EditMethod("pair", "test-only", two_rows),
                EditMethod("never", "test-only", two_rows, applies=lambda task: "needs a planted layer 3")]
-    graded = grade_edit_task(lm, task, methods)
+    record = grade_edit_task(lm, task, methods)
+    assert EditTaskResult.from_json(record.to_json()) == record
+    graded = record.to_json()
     unedited, rows = graded["unedited"], graded["methods"]["pair"]["rows"]
     assert list(rows) == ["none@0", "random@1"] and graded["methods"]["never"] == {"skipped": "needs a planted layer 3"}
     for key in ("efficacy", "paraphrase", "neighbourhood", "preservation", "score"):
@@ -133,7 +137,7 @@ def test_runner_grades_every_row_of_every_case_next_to_the_unedited_model(tiny_l
                                             for s, seed in zip(by_case, (0, 20), strict=True)]
     assert rows["random@1"]["settings"] == {"layer": 1, "seed": 10.0}
     assert [r["subject"] for r in graded["requests"]] == ["s0", "s20"]
-    table = render_edit_table({"tasks": [graded], "skipped_organisms": {"x": "no edit task"}})
+    table = edit_table(EditRun((record,), {"x": "no edit task"}))
     assert "toy / toy edits: means over 2 requests, planted layer 1" in table
     assert "skipped (needs a planted layer 3): never" in table and "x: skipped (no edit task)" in table
     (random_line,) = [line for line in table.splitlines() if line.lstrip().startswith("random@1")]
@@ -174,7 +178,8 @@ def test_fact_world_edit_task_is_counterfactual():
 @pytest.mark.slow
 @pytest.mark.integration
 def test_rome_at_the_traced_layer_meets_the_grading_thresholds(fact_world_edits):
-    _, task, graded = fact_world_edits
+    _, task, record = fact_world_edits
+    graded = record.to_json()
     rows = {name: row for m in graded["methods"].values() for name, row in m["rows"].items()}
     unedited, rome = graded["unedited"], rows["rome"]
     assert unedited["efficacy"] == 0.0 and unedited["neighbourhood"] == 1.0 and unedited["preservation"] == 1.0
@@ -189,7 +194,7 @@ def test_rome_at_the_traced_layer_meets_the_grading_thresholds(fact_world_edits)
     assert full["settings"]["moved"] > 5 * masked["settings"]["moved"]
     assert masked["efficacy"] >= 0.95 and full["efficacy"] >= 0.95
     assert full["neighbourhood"] < masked["neighbourhood"]  # every parameter: the relation itself moves
-    table = render_edit_table({"tasks": [graded], "skipped_organisms": {}})
+    table = edit_table(EditRun((record,), {}))
     assert "fact_world / counterfactual edits: means over 6 requests, planted layer 0" in table
 
 

@@ -5,9 +5,11 @@ import json
 import pytest
 
 from lsi.bench import registry
-from lsi.bench.groundtruth import render_table, run_groundtruth, write_json
+from lsi.bench.groundtruth import run_groundtruth, write_json
+from lsi.bench.records import BenchmarkRun, LocateRun
 from lsi.bench.registry import LocateMethod, MethodOutput
 from lsi.errors import InputError
+from lsi.report.text import locate_table
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +35,7 @@ def result():
 
 
 def _task(result, organism):
-    return next(t for t in result["tasks"] if t["organism"] == organism)
+    return next(t for t in result.to_json()["tasks"] if t["organism"] == organism)
 
 
 def test_oracle_is_perfect_and_random_is_chance(result):
@@ -52,8 +54,8 @@ def test_registered_methods_are_graded_or_skipped_with_their_reason(result):
     assert induction["methods"]["reverse oracle"]["spearman_vs_oracle"] == pytest.approx(-1.0)
     assert "auroc" in induction["methods"]["heads only"]
     assert layers["methods"]["heads only"] == {"skipped": "universe is not attention heads"}
-    assert "refusal_gate" in result["skipped_organisms"]
-    table = render_table(result)
+    assert "refusal_gate" in result.skipped_organisms
+    table = locate_table(result)
     assert "layer_redundancy / redundant layers" in table
     assert "skipped (universe is not attention heads): heads only" in table
     assert "faithfulness of the top edges (area 0.500): 50%:0.25 100%:1.00" in table
@@ -69,8 +71,11 @@ def test_layer_redundancy_truth_is_the_least_important(result):
 
 def test_json_round_trip(result, tmp_path):
     path = tmp_path / "out" / "gt.json"
-    write_json(result, path)
-    assert json.loads(path.read_text())["tasks"][0]["organism"] == "induction"
+    run = BenchmarkRun(("locate",), locate=result)
+    write_json(run, path)
+    data = json.loads(path.read_text())
+    assert data["tasks"][0]["organism"] == "induction" and data["schema"] == 3 and data["kinds"] == ["locate"]
+    assert BenchmarkRun.from_json(data) == run and LocateRun.from_json(result.to_json()) == result
 
 
 def test_unknown_names_list_the_valid_ones():

@@ -12,23 +12,24 @@ import torch
 from click.testing import CliRunner
 
 from lsi.bench import steer_registry
-from lsi.bench.groundtruth import grade_steer_task, render_steer_table, run_steer_groundtruth
-from lsi.bench.steer_methods.diff_in_means import ALPHAS
+from lsi.bench.groundtruth import grade_steer_task, run_steer_groundtruth
+from lsi.bench.records import SteerRun, SteerTaskResult
 from lsi.bench.steer_registry import Candidate, SteerMethod, get_steer_methods
-from lsi.bench.steer_tasks import Point, SteerScores, SteerSplit, SteerTask, measure
 from lsi.cli.main import cli
 from lsi.core.interventions import Add
 from lsi.errors import InputError
+from lsi.evaluation.steer import CurvePoint, SteerScores, SteerSplit, SteerTask, best_at_kl, measure, reference
 from lsi.organisms import refusal_gate as rg
 from lsi.organisms.registry import ground_truth, load_organism
+from lsi.report.text import steer_table
 from lsi.steer.directional import DirectionalAblation
 from lsi.steer.directions import diff_in_means, pca_of_differences, probe_direction, site_features
-from lsi.steer.selection import best_at_kl, reference
+from lsi.steer.selection import ADDITION_ALPHAS
 
 
 # -- best success at KL <= tau ---------------------------------------------------------------------------------------
-def _point(success: float, kl: float, name: str) -> Point:
-    return Point({"name": name}, SteerScores(success), kl, 0.0)
+def _point(success: float, kl: float, name: str) -> CurvePoint:
+    return CurvePoint({"name": name}, SteerScores(success), kl, 0.0)
 
 
 @pytest.mark.unit
@@ -75,7 +76,9 @@ def test_runner_grades_a_no_op_as_the_baseline_and_skips_methods_that_do_not_app
     grid = _method("grid", lambda lm: [Candidate(Add("blocks.1.resid_pre", v, a), {"alpha": a})
                                        for a in (0.005, 0.02, 5.0)])
     never = _method("never", lambda lm: [], applies=lambda task: "needs a removal task")
-    graded = grade_steer_task(lm, task, [no_op, grid, never])
+    record = grade_steer_task(lm, task, [no_op, grid, never])
+    assert SteerTaskResult.from_json(record.to_json()) == record
+    graded = record.to_json()
     base = graded["unsteered"]
     assert base["kl"] == 0.0 and base["dloss"] == 0.0
     best = graded["methods"]["no-op"]["best"]
@@ -88,8 +91,7 @@ def test_runner_grades_a_no_op_as_the_baseline_and_skips_methods_that_do_not_app
     chosen = graded["methods"]["grid"]["best"]
     assert len(within) == 2 and chosen == max(within, key=lambda p: p["success"])
     assert list(graded["methods"]) == ["no-op", "grid", "never"]
-    assert "skipped (needs a removal task): never" in render_steer_table({"tasks": [graded],
-                                                                          "skipped_organisms": {}})
+    assert "skipped (needs a removal task): never" in steer_table(SteerRun((record,), {}))
     torch.testing.assert_close(lm.forward([[3, 4, 5]]), lm.forward([[3, 4, 5]]))  # no hooks left behind
 
 
@@ -156,7 +158,7 @@ def test_pca_and_probe_vectors_point_like_their_directions_with_the_diff_in_mean
                                       site_features(lm, task.dev.negative, site, positions=pos)]), [1] * 8 + [0] * 8))):
         assert methods[name].applies(task) is None
         candidates = methods[name].run(lm, task, 0)
-        assert [c.steering.alpha for c in candidates] == list(ALPHAS)  # induce: +alpha
+        assert [c.steering.alpha for c in candidates] == list(ADDITION_ALPHAS)  # induce: +alpha
         first = candidates[0]
         site, position, vector = first.steering.site, first.settings["position"], first.steering.vector
         v = diff_in_means(lm, task.dev.positive, task.dev.negative, site, positions=position)
@@ -179,11 +181,11 @@ def steer_result():
                                  organisms=["refusal_gate"])
     attribute = run_steer_groundtruth(methods=["diff_in_means_addition", "pca_addition", "probe_addition"],
                                       organisms=["binary_attribute"])
-    return {**gate, "tasks": gate["tasks"] + attribute["tasks"]}
+    return SteerRun(gate.tasks + attribute.tasks, gate.skipped_organisms)
 
 
 def _task(result, name):
-    return next(t for t in result["tasks"] if t["task"] == name)
+    return next(t for t in result.to_json()["tasks"] if t["task"] == name)
 
 
 @pytest.mark.slow
@@ -219,7 +221,7 @@ def test_binary_attribute_vector_methods_beat_random_at_equal_kl(steer_result):
     dim, random = task["methods"]["diff_in_means_addition"], task["methods"]["random"]
     for name in ("pca_addition", "probe_addition"):  # every vector method's success-vs-KL curve is reported
         graded = task["methods"][name]
-        assert [p["settings"]["alpha"] for p in graded["curves"][0]] == list(ALPHAS)
+        assert [p["settings"]["alpha"] for p in graded["curves"][0]] == list(ADDITION_ALPHAS)
         assert graded["best"]["success"] >= random["best"]["success"] + 0.15 and graded["best"]["kl"] <= task["tau"]
     assert dim["best"]["success"] >= random["best"]["success"] + 0.25
     assert dim["best"]["success"] >= task["unsteered"]["success"] + 0.25 and dim["best"]["fluency"] >= 0.75
@@ -227,8 +229,9 @@ def test_binary_attribute_vector_methods_beat_random_at_equal_kl(steer_result):
         assert max(p["kl"] for p in curve) >= dim["best"]["kl"]
         assert max(p["success"] for p in curve if p["kl"] <= task["tau"]) < dim["best"]["success"]
     assert task["oracle"]["success"] == 0.75
-    json.dumps(steer_result)  # JSON-ready
-    table = render_steer_table(steer_result)
+    json.dumps(steer_result.to_json())  # JSON-ready
+    assert SteerRun.from_json(steer_result.to_json()) == steer_result
+    table = steer_table(steer_result)
     assert "binary_attribute / marked attribute (induce)" in table and "refusal_gate / bypass refusal (remove)" in table
 
 

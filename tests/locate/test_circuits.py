@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lsi
-from lsi.bench.tasks import Run
+from lsi.core.runs import Run
 from lsi.errors import InputError, ShapeMismatchError, UnknownArchitectureError
 from lsi.locate.circuit_graph import CircuitGraph, contrast, patched_metrics
 from lsi.locate.circuits import (
@@ -256,7 +256,7 @@ def test_bad_inputs_get_typed_errors(tiny_lm) -> None:
 
 @pytest.mark.slow
 def test_induction_circuit_is_recovered_and_faithful() -> None:
-    from lsi.bench import metrics as grades
+    from lsi.evaluation import ranking as grades
     from lsi.organisms.registry import get_organism, ground_truth, load_organism
 
     lm = load_organism("induction")

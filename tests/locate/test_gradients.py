@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lsi
-from lsi.bench.tasks import Run
+from lsi.core.runs import Run
 from lsi.errors import InputError, ShapeMismatchError
 from lsi.locate.gradients import (
     attribution_patching,
@@ -242,12 +242,12 @@ def test_bad_input_is_refused_with_typed_errors(lm, ids) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_attribution_patching_finds_the_induction_heads_and_ranks_like_exact_patching() -> None:
-    from lsi.bench import metrics
     from lsi.bench.groundtruth import run_groundtruth
+    from lsi.evaluation import ranking as metrics
     from lsi.organisms.registry import get_organism, ground_truth, load_organism
 
     result = run_groundtruth(methods=["attribution_patching"], organisms=["induction"])
-    grades = result["tasks"][0]["methods"]["attribution_patching"]
+    grades = result.to_json()["tasks"][0]["methods"]["attribution_patching"]
     assert grades["auroc"] >= 0.85 and grades["r_precision"] >= 0.7  # GROUND_TRUTH.md thresholds
 
     lm = load_organism("induction")

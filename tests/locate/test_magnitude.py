@@ -220,8 +220,8 @@ def test_lape_bad_input(tiny_lm, probs) -> None:
 
 
 def test_lape_finds_the_reserved_neurons_of_two_languages() -> None:
-    from lsi.bench.metrics import r_precision
     from lsi.bench.registry import get_locate_methods
+    from lsi.evaluation.ranking import r_precision
     from lsi.organisms.registry import get_organism, ground_truth, load_organism
 
     lm, truth = load_organism("two_languages"), ground_truth("two_languages")

@@ -20,12 +20,6 @@ def padded() -> tuple[torch.Tensor, Batch, Batch]:
     return logits, right, left
 
 
-def test_last_positions_handle_both_padding_sides(padded) -> None:
-    _, right, left = padded
-    assert metrics.last_positions(right.attention_mask).tolist() == [2, 3]
-    assert metrics.last_positions(left.attention_mask).tolist() == [3, 3]
-
-
 def test_logit_metrics_read_the_last_real_token(padded) -> None:
     logits, right, _ = padded
     expected = (logits[0, 2, 5] + logits[1, 3, 6]) / 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lsi
-from lsi.bench.tasks import Run
+from lsi.core.runs import Run
 from lsi.errors import InputError, ShapeMismatchError
 from lsi.locate.metrics import logit_diff
 from lsi.locate.patching import ablation, activation_patching
@@ -237,7 +237,7 @@ def test_patching_finds_the_induction_heads():
 
     result = run_groundtruth(methods=["activation_patching", "activation_patching_noising", "mean_ablation",
                                       "resample_ablation"], organisms=["induction"])
-    grades = result["tasks"][0]["methods"]
+    grades = result.to_json()["tasks"][0]["methods"]
     assert grades["activation_patching"]["auroc"] >= 0.95
     assert grades["activation_patching_noising"]["auroc"] >= 0.95
     assert grades["mean_ablation"]["auroc"] >= 0.95 and grades["resample_ablation"]["auroc"] >= 0.95

@@ -7,6 +7,7 @@ import torch
 
 from lsi.errors import InputError
 from lsi.locate.result import LocateResult
+from lsi.report.plot import plot_locate
 
 pytestmark = pytest.mark.unit
 
@@ -49,13 +50,13 @@ def test_save_load_round_trip(grid: LocateResult, tmp_path) -> None:
     assert torch.equal(back.scores.nan_to_num(7.0), grid.scores.nan_to_num(7.0))
 
 
-def test_over_builds_a_flat_result_and_plot_draws_it() -> None:
+def test_over_builds_a_flat_result_and_the_report_plots_it() -> None:
     flat = LocateResult.over(["blocks.0", "blocks.1"], [0.5, 0.1], method="block_influence", n_texts=3)
     assert flat.axes == (("object", ("blocks.0", "blocks.1")),) and flat.settings == {"n_texts": 3}
     import matplotlib
 
     matplotlib.use("Agg")
-    assert flat.plot().get_title() == "block_influence: "
+    assert plot_locate(flat).get_title() == "block_influence: "
     assert "block_influence" in repr(flat)
 
 
@@ -70,4 +71,4 @@ def test_bad_input_is_typed(grid: LocateResult, tmp_path) -> None:
         LocateResult.load(tmp_path / "nothing")
     cube = LocateResult(torch.zeros(1, 1, 1), (("a", ("0",)), ("b", ("0",)), ("c", ("0",))), method="m")
     with pytest.raises(InputError, match="one or two axes"):
-        cube.plot()
+        plot_locate(cube)

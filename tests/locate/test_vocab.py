@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lsi.bench.registry import get_locate_methods
-from lsi.bench.tasks import LocateTask, Split
 from lsi.errors import IndexOutOfRangeError, InputError, ShapeMismatchError, SiteUnavailableError
+from lsi.evaluation.locate import LocateTask, Split
 from lsi.locate.metrics import logit_diff
 from lsi.locate.vocab import direct_logit_attribution, top_tokens
 

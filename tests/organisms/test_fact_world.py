@@ -67,7 +67,7 @@ def test_tracing_effects_match_one_restoration_per_forward(lm, truth: dict) -> N
 
 @pytest.mark.integration
 def test_locate_task_oracle_singles_out_the_planted_mlp(lm, truth: dict) -> None:
-    from lsi.bench.tasks import measure, oracle_scores
+    from lsi.evaluation.locate import measure, oracle_scores
 
     (task,) = fact_world.locate_tasks(lm, truth)
     assert task.universe == tuple(truth["universe"]) and task.planted == {truth["mlp_site"]}

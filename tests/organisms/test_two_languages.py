@@ -217,9 +217,9 @@ def _planted(lm, task, truth: dict):
 
 @pytest.mark.integration
 def test_planted_steerings_reach_each_steer_task_within_the_kl_budget_and_others_fail(steer, truth: dict) -> None:
-    from lsi.bench.steer_tasks import measure, split_reference
     from lsi.core.interventions import Zero
     from lsi.core.steering import compose
+    from lsi.evaluation.steer import measure, split_reference
     from lsi.steer.located import group_units
 
     lm, tasks = steer
@@ -247,8 +247,7 @@ def test_language_neurons_locates_with_lape_on_dev_and_reaches_both_tasks(steer)
     import dataclasses
 
     from lsi.bench.steer_registry import get_steer_methods
-    from lsi.bench.steer_tasks import measure, split_reference
-    from lsi.steer.selection import best_at_kl
+    from lsi.evaluation.steer import best_at_kl, measure, split_reference
 
     lm, tasks = steer
     (method,) = get_steer_methods(["language_neurons"])[1:]

@@ -14,7 +14,8 @@ from lsi.core.inputs import Batch
 from lsi.core.interventions import Add
 from lsi.core.steering import Steering
 from lsi.errors import InputError
-from lsi.steer.selection import CurvePoint, Selection, best_at_kl, divergence, grid, reference, select
+from lsi.evaluation.steer import CurvePoint, SteerScores, best_at_kl, divergence, reference
+from lsi.steer.selection import Selection, grid, select
 
 TOKEN = 7
 PROMPTS = torch.randint(3, 97, (6, 5), generator=torch.Generator().manual_seed(1))
@@ -77,7 +78,7 @@ def test_kl_and_delta_loss_match_a_hand_computation_on_either_padding_side():
 
 @pytest.mark.unit
 def test_best_at_kl_picks_the_most_successful_point_within_the_budget():
-    curve = [CurvePoint({"name": name}, s, kl, 0.0) for name, s, kl in (
+    curve = [CurvePoint({"name": name}, SteerScores(s), kl, 0.0) for name, s, kl in (
         ("weak", 0.2, 0.01), ("tie, more KL", 0.6, 0.05), ("tie, less KL", 0.6, 0.03), ("on the budget", 0.7, 0.1),
         ("beyond", 0.9, 0.2))]
     assert best_at_kl(curve, 0.1).settings["name"] == "on the budget"  # KL == tau counts as within
@@ -145,7 +146,7 @@ def test_the_chosen_point_is_the_brute_force_argmax_within_the_budget(measured_g
     assert sel.steering_of(sel.curve[0]).alpha == ALPHAS[0] and sel.skipped == ()
     assert "success" in str(sel) and f"<= {tau:g}" in str(sel)
     with pytest.raises(InputError, match="a point of this selection's curve"):
-        sel.steering_of(CurvePoint({}, 0.0, 0.0, 0.0))
+        sel.steering_of(CurvePoint({}, SteerScores(0.0), 0.0, 0.0))
 
 
 @pytest.mark.unit
@@ -233,3 +234,48 @@ def test_save_and_load_round_trip(measured_grid, tmp_path):
     sel.steering.save(tmp_path / "plain")
     with pytest.raises(InputError, match=r"a selection written by Selection\.save"):
         Selection.load(tmp_path / "plain", lm)
+
+
+# -- recipes on a task's dev split -----------------------------------------------------------------------------------
+def _token_task(lm, goal: str = "induce"):
+    """A task on the tiny model: success = mean probability of TOKEN after the prompts; the positive set ends in it."""
+    from lsi.evaluation.steer import SteerSplit, SteerTask
+
+    def success(model) -> SteerScores:
+        return SteerScores(float(model.forward(PROMPTS)[:, -1].softmax(-1)[:, TOKEN].mean()))
+
+    positive = torch.cat([PROMPTS[:, :4], torch.full((6, 1), TOKEN)], 1)
+    split = SteerSplit(positive=positive, negative=PROMPTS, measure=success, corpus=CORPUS)
+    return SteerTask("toy", "more token 7", goal, split, split, tau=0.01)
+
+
+@pytest.mark.unit
+def test_choose_on_dev_takes_the_choice_with_the_best_candidate_within_the_budget(tiny_lm):
+    from lsi.steer.selection import (
+        ADDITION_ALPHAS,
+        DevChoice,
+        addition_grid,
+        additions,
+        choose_on_dev,
+        contrast_directions,
+    )
+
+    lm = tiny_lm("llama")
+    task = _token_task(lm)
+    choices = contrast_directions(lm, task)
+    assert [c.site for c in choices] == ["blocks.0.resid_pre", "blocks.1.resid_pre"][: len(choices)]
+    chosen = choose_on_dev(lm, task, addition_grid(task), choices)
+    # brute force: every choice's grid measured without early stopping, the best point within the budget
+    ref = reference(lm, CORPUS)
+    best = []
+    for i, (site, _, v) in enumerate(choices):
+        for a in ADDITION_ALPHAS:
+            with Add(site, v, a).apply(lm):
+                kl, _ = divergence(lm.forward(ref.batch), ref)
+                best.append((task.dev.measure(lm).success, -kl, i) if kl <= task.tau else None)
+    within = [b for b in best if b is not None]
+    assert within and len(within) < len(best)  # the budget binds
+    assert chosen is choices[max(within)[2]]
+    assert isinstance(chosen, DevChoice)
+    curve = additions(lm, _token_task(lm, "remove"), chosen.site, chosen.vector)
+    assert [s for s, _ in curve] == [{"site": chosen.site, "alpha": -a} for a in ADDITION_ALPHAS]

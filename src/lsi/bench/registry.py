@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from lsi.bench.tasks import LocateTask, oracle_scores
 from lsi.errors import InputError
+from lsi.evaluation.locate import LocateTask, oracle_scores
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel

@@ -1,6 +1,6 @@
 """The one registration point for steer methods graded by the ground-truth benchmark.
 
-A steer method turns a :class:`~lsi.bench.steer_tasks.SteerTask` into candidate steerings (e.g. one vector at a
+A steer method turns a :class:`~lsi.evaluation.steer.SteerTask` into candidate steerings (e.g. one vector at a
 grid of strengths, or one directional ablation), choosing everything else (site, layer, read position) on
 ``task.dev`` only. The benchmark measures every candidate on ``task.test`` (a success-vs-KL curve) and reports
 the best target success at KL ≤ τ. A method that does not apply to a task says why; the benchmark skips it with
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from lsi.bench.registry import Registry, always
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
     from lsi.core.steering import Steering
+    from lsi.evaluation.steer import SteerTask
 
 
 @dataclass(frozen=True)

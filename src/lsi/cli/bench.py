@@ -30,8 +30,9 @@ def groundtruth(methods: str | None, organisms: str | None, kind: str, tau: floa
     """Grade locate methods against the organisms' planted components (next to the oracle and random), steer
     methods by target success at a KL budget (next to the unsteered model, the oracle and a random direction) and
     knowledge-edit methods by efficacy, paraphrase and neighbourhood scores (next to the unedited model)."""
-    from lsi.bench.groundtruth import render, run_benchmark, write_json
+    from lsi.bench.groundtruth import run_benchmark, write_json
     from lsi.errors import LsiError
+    from lsi.report.text import render
 
     try:
         result = run_benchmark(methods=_names(methods), organisms=_names(organisms), kind=kind, tau=tau)

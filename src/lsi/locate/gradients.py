@@ -297,7 +297,7 @@ def attribution_patching(lm: LanguageModel, clean: Inputs | Batch | Run, corrupt
     run whose behaviour is near its ceiling the gradient saturates and noising estimates miss most of the effect.
 
     ``clean`` and ``corrupted`` are inputs of the same shape, or runs with ``.inputs`` and ``.setting`` (e.g.
-    noise on the subject embeddings; :class:`lsi.bench.tasks.Run`); ``clean_setting`` / ``corrupted_setting``
+    noise on the subject embeddings; :class:`lsi.core.runs.Run`); ``clean_setting`` / ``corrupted_setting``
     give a setting to plain inputs.
 
     Example:

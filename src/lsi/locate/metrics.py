@@ -22,6 +22,7 @@ import torch
 
 from lsi.core.inputs import Batch
 from lsi.errors import InputError
+from lsi.evaluation.functional import kl_divergence, last_positions, last_token_logits, masked_mean, next_token_logprob
 
 Tokens = int | Sequence[int] | torch.Tensor  # one id for every row, or one per row
 TokenSets = Sequence[int] | Sequence[Sequence[int]]
@@ -42,18 +43,6 @@ def metric_name(metric: object) -> str:
     return str(getattr(metric, "name", getattr(metric, "__name__", type(metric).__name__)))
 
 
-def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row (works for left and right padding)."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.flip(1).long().argmax(1)
-
-
-def last_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Logits at the last real token of each row: ``[batch, vocab]``."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, last_positions(batch.attention_mask).to(logits.device)]
-
-
 def per_row_ids(tokens: Tokens, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """One token id per row ``[n]``: a single id repeated, or ``n`` ids checked."""
     ids = torch.as_tensor(tokens, dtype=torch.long, device=device).flatten()
@@ -68,7 +57,7 @@ def per_row_ids(tokens: Tokens, n: int, device: torch.device | str = "cpu") -> t
 def logit(target: Tokens) -> Metric:
     """Mean logit of ``target`` at the last real token."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        last = last_logits(logits, batch)
+        last = last_token_logits(logits, batch.attention_mask)
         return last.gather(-1, per_row_ids(target, len(last), last.device)[:, None]).mean()
     return Metric(f"logit[{describe_tokens(target)}]", fn)
 
@@ -76,7 +65,7 @@ def logit(target: Tokens) -> Metric:
 def logit_diff(correct: Tokens, incorrect: Tokens) -> Metric:
     """Mean ``logit(correct) - logit(incorrect)`` at the last real token."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        last = last_logits(logits, batch)
+        last = last_token_logits(logits, batch.attention_mask)
         n, dev = len(last), last.device
         return (last.gather(-1, per_row_ids(correct, n, dev)[:, None])
                 - last.gather(-1, per_row_ids(incorrect, n, dev)[:, None])).mean()
@@ -88,7 +77,7 @@ def prob_diff(tokens_a: TokenSets, tokens_b: TokenSets) -> Metric:
     a, b = _id_set(tokens_a), _id_set(tokens_b)
 
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        probs = last_logits(logits, batch).float().softmax(-1)
+        probs = last_token_logits(logits, batch.attention_mask).float().softmax(-1)
         return (probs[:, a].sum(-1) - probs[:, b].sum(-1)).mean()
     return Metric(f"prob_diff[{len(a)} vs {len(b)} tokens]", fn)
 
@@ -97,13 +86,13 @@ def target_logprob(target_lengths: int | Sequence[int]) -> Metric:
     """Mean log-probability of the (multi-token) target that ends each row: the last ``target_lengths`` real
     tokens, teacher-forced. Build such inputs with :func:`append_targets`."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None].to(logits.device))
+        logp = next_token_logprob(logits, batch.input_ids)
         n = logits.shape[0]
         lengths = per_row_ids(target_lengths, n, logits.device)
         ends = last_positions(batch.attention_mask).to(logits.device)  # index of each row's last token
         pos = torch.arange(logits.shape[1] - 1, device=logits.device)[None]  # predicts token pos + 1
         in_target = (pos + 1 > ends[:, None] - lengths[:, None]) & (pos + 1 <= ends[:, None])
-        return (logp.squeeze(-1) * in_target).sum(-1).mean()
+        return (logp * in_target).sum(-1).mean()
     return Metric("target_logprob", fn)
 
 
@@ -122,9 +111,8 @@ def append_targets(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[
 def loss() -> Metric:
     """Mean next-token cross-entropy over real tokens (larger = worse)."""
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None].to(logits.device))
-        real = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(logits.device).float()
-        return -(logp.squeeze(-1) * real).sum() / real.sum().clamp_min(1)
+        real = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).to(logits.device)
+        return masked_mean(-next_token_logprob(logits, batch.input_ids), real)
     return Metric("loss", fn)
 
 
@@ -136,13 +124,12 @@ def kl_to(reference_logits: torch.Tensor, *, positions: str = "last") -> Metric:
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         ref = reference_logits.to(logits.device)
         if positions == "last":
-            p, q = last_logits(ref, batch), last_logits(logits, batch)
+            p, q = last_token_logits(ref, batch.attention_mask), last_token_logits(logits, batch.attention_mask)
             weights = torch.ones(len(p), device=logits.device)
         else:
             p, q = ref.flatten(0, 1), logits.flatten(0, 1)
             weights = batch.attention_mask.flatten().to(logits.device).float()
-        logp, logq = p.float().log_softmax(-1), q.float().log_softmax(-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kl = kl_divergence(p.float().log_softmax(-1), q.float().log_softmax(-1))
         return (kl * weights).sum() / weights.sum()
     return Metric(f"kl_to_reference[{positions}]", fn)
 

@@ -3,7 +3,8 @@
 Scores live in a tensor whose axes are named and labelled (``layer × position``, ``layer × head``, or a single
 ``object`` axis of site names). Every cell is one object of the universe; its label joins the axis labels with
 ``@`` (``"blocks.3.resid_pre@5"``), or is the single axis label. The result records the method, the metric and
-the settings that produced it, and turns into a selection another method can consume.
+the settings that produced it, and turns into a selection another method can consume. :mod:`lsi.report` renders
+it (:func:`lsi.report.text.locate_result`, :func:`lsi.report.plot.plot_locate`).
 
 Example:
     >>> import torch
@@ -132,32 +133,6 @@ class LocateResult:
                                     format=FORMAT_VERSION)
         axes = tuple((name, tuple(labels)) for name, labels in meta["axes"])
         return cls(tensors["scores"], axes, method=meta["method"], metric=meta["metric"], settings=meta["settings"])
-
-    # -- showing -----------------------------------------------------------------------------------------------
-    def plot(self, ax: Any = None, *, title: str | None = None) -> Any:
-        """A bar chart (one axis) or heatmap (two axes) with matplotlib; returns the axes."""
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise InputError("matplotlib for plotting", "it is not installed", "pip install 'lsi[plot]'") from None
-        if len(self.axes) > 2:
-            raise InputError("a result with one or two axes to plot", f"{len(self.axes)} axes",
-                             "index the scores first, e.g. a per-layer slice")
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.35 * self.shape[-1]), 3.0 if len(self.axes) == 1 else 4.0))
-        if len(self.axes) == 1:
-            ax.bar(range(self.shape[0]), self.scores.numpy())
-            ax.set_xticks(range(self.shape[0]), self.axes[0][1], rotation=90)
-        else:
-            lim = float(self.scores.abs().max()) or 1.0
-            image = ax.imshow(self.scores.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-            ax.set_yticks(range(self.shape[0]), self.axes[0][1])
-            ax.set_xticks(range(self.shape[1]), self.axes[1][1], rotation=90)
-            ax.set_ylabel(self.axes[0][0])
-            ax.set_xlabel(self.axes[1][0])
-            ax.figure.colorbar(image, ax=ax)
-        ax.set_title(title or f"{self.method}: {self.metric}")
-        return ax
 
     def __repr__(self) -> str:
         dims = " × ".join(f"{name}[{len(labels)}]" for name, labels in self.axes)

@@ -35,7 +35,8 @@ from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply
 from lsi.core.positions import Index
 from lsi.errors import InputError
-from lsi.locate.metrics import last_logits, per_row_ids
+from lsi.evaluation.functional import last_token_logits
+from lsi.locate.metrics import per_row_ids
 from lsi.locate.patching import DEFAULT_BATCH_SIZE, Write, run_patched
 from lsi.locate.result import LocateResult
 
@@ -181,7 +182,7 @@ def _subject_mask(subject: SubjectSpec, batch: Batch) -> torch.Tensor:
 
 
 def _target_prob(logits: torch.Tensor, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
-    probs = last_logits(logits, batch).float().softmax(-1)
+    probs = last_token_logits(logits, batch.attention_mask).float().softmax(-1)
     return probs[torch.arange(len(probs), device=probs.device), targets.to(probs.device)]
 
 

@@ -30,6 +30,7 @@ from lsi.core.bundle import load_bundle, save_bundle
 from lsi.core.identity import ModelIdentity
 from lsi.core.positions import PositionSpec
 from lsi.errors import InputError
+from lsi.evaluation.functional import kl_divergence
 from lsi.locate.result import LocateResult
 from lsi.locate.vocab import LogitLensResult, decode_rows, lens_sites, read_lens
 
@@ -105,7 +106,7 @@ class TunedLens:
             with torch.enable_grad():
                 h = states[:-1, idx]
                 lens_logits = lm.unembed(h + torch.einsum("rnd,red->rne", h, delta) + bias[:, None])
-                loss = _kl(target[idx], lens_logits).mean(-1).sum()
+                loss = kl_divergence(target[idx], lens_logits.float().log_softmax(-1)).mean(-1).sum()
                 opt.zero_grad()
                 delta.grad, bias.grad = torch.autograd.grad(loss, [delta, bias])  # leaves the model's .grad alone
             opt.step()
@@ -135,11 +136,6 @@ class TunedLens:
         identity = lens_identity(lm)
         dataclasses.replace(identity, fingerprint=self.fingerprint).check(
             lm, "a tuned lens trained for", "train a lens for this model with TunedLens.train(lm, texts)")
-
-
-def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(target ‖ softmax(logits)) over the last axis, from the target's log-probabilities."""
-    return (target_logp.exp() * (target_logp - logits.float().log_softmax(-1))).sum(-1)
 
 
 def _training_states(lm: LanguageModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +173,7 @@ def lens_kl(lm: LanguageModel, inputs: Inputs | Batch, lens: TunedLens | None = 
     readers = {"logit": None, **({} if lens is None else {"tuned": lens.translate})}
     rows = {name: decode_rows(lm, states, t) for name, t in readers.items()}
     final = rows["logit"][-1].float().log_softmax(-1)  # the model's own logits at every real token
-    scores = torch.stack([_kl(final, r).mean(-1) for r in rows.values()])
+    scores = torch.stack([kl_divergence(final, r.float().log_softmax(-1)).mean(-1) for r in rows.values()])
     settings = {"n_tokens": int(mask.sum()), "final_norm_applied": True,
                 **({} if lens is None else {"tuned_lens": lens.settings})}
     return LocateResult(scores, (("lens", tuple(rows)), ("layer", labels)), method="lens_kl",

@@ -36,23 +36,17 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL ``[b, p-1]`` of ``ids[:, 1:]`` under ``logits[:, :-1]``."""
-    import torch.nn.functional as F
-
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-
-
 def mean_nll(forward: ForwardFn, seqs: Sequence[Sequence[int]], pad_id: int, *, batch: int = 256) -> float:
     """Mean next-token NLL over all target tokens of right-padded ``seqs`` (targets = every token after the first)."""
     import torch
+
+    from lsi.evaluation.functional import next_token_nll
 
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(seqs), batch):
             ids, mask = pad_right(seqs[start : start + batch], pad_id)
-            nll = token_nll(forward(ids), ids)
+            nll = next_token_nll(forward(ids), ids)
             m = mask[:, 1:]
             total += float(nll[m].sum())
             count += int(m.sum())

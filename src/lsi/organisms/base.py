@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lsi.bench.edit_tasks import EditTask
-    from lsi.bench.steer_tasks import SteerTask
-    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.edit import EditTask
+    from lsi.evaluation.locate import LocateTask
+    from lsi.evaluation.steer import SteerTask
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsi.bench.metrics import auroc
+from lsi.evaluation.ranking import auroc
 from lsi.organisms._common import encode, generated_words, pad_right, sample
 from lsi.organisms.base import Check, Organism, VerifyReport
 from lsi.organisms.training import build_word_tokenizer, new_model, save_organism, seed_everything, train_lm
@@ -26,8 +26,8 @@ from lsi.organisms.training import build_word_tokenizer, new_model, save_organis
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.steer_tasks import SteerScores, SteerTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import SteerScores, SteerTask
 
 TOPICS: dict[str, dict[str, list[str]]] = {
     "farm": {"nouns": ["cow", "hen", "barn", "field", "farmer"], "verbs": ["feeds", "milks", "plows"]},
@@ -292,7 +292,7 @@ def _attribute_scores(lm: LanguageModel, split: dict[str, Any], seed: int) -> St
     """Marked rate after neutral prompts (success) and after prefixes that reveal z = 0 (generalization); topic
     fidelity of the grammatical continuations (specificity) and the grammatical fraction (fluency), both sets.
     One seeded generation over both sets."""
-    from lsi.bench.steer_tasks import SteerScores
+    from lsi.evaluation.steer import SteerScores
 
     prompts = split["neutral"] + split["negative"]
     stats = [(p, words, parse_sentences(words)) for p, words in zip(prompts, _sampled(lm, prompts, seed), strict=True)]
@@ -310,7 +310,7 @@ def _attribute_scores(lm: LanguageModel, split: dict[str, Any], seed: int) -> St
 def steer_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[SteerTask]:
     """Switch the hidden attribute on: contrast = prefixes that reveal z = 1 vs z = 0; KL and Δloss on the held-out
     labelled documents (both values of z)."""
-    from lsi.bench.steer_tasks import SteerScores, SteerSplit, SteerTask
+    from lsi.evaluation.steer import SteerScores, SteerSplit, SteerTask
 
     vocab = lm.tokenizer.get_vocab()
 

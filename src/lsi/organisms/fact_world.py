@@ -40,9 +40,9 @@ from lsi.organisms.fact_world_data import (
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.edit_tasks import EditTask
-    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.edit import EditTask
+    from lsi.evaluation.locate import LocateTask
 
 N_LAYERS, LAYER = 4, 0
 SYNTAX_STEPS, STAGE1_STEPS, STAGE2_STEPS, BATCH, LR, STAGE2_LR = 500, 2000, 1500, 64, 3e-3, 1e-2
@@ -349,7 +349,8 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     import torch
 
     import lsi
-    from lsi.bench.tasks import LocateTask, Run, Split
+    from lsi.core.runs import Run
+    from lsi.evaluation.locate import LocateTask, Split
 
     facts = ground_truth["facts"]
 
@@ -416,7 +417,7 @@ def edit_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[EditTask
     """
     import random
 
-    from lsi.bench.edit_tasks import EditCase, EditTask
+    from lsi.evaluation.edit import EditCase, EditTask
     from lsi.steer.rome import EditRequest
 
     tok, facts = lm.tokenizer, ground_truth["facts"]

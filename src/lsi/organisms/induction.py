@@ -21,8 +21,8 @@ from lsi.organisms.base import Check, Organism, VerifyReport
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.locate import LocateTask
 
 N_KEYS, N_CONTENT, TOPIC_SIZE, SEQ_LEN, PERIODS = 8, 64, 16, 48, (4, 12)
 N_HEADS, D_MODEL = 4, 64
@@ -282,15 +282,16 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     import torch
 
     import lsi
-    from lsi.bench.tasks import LocateTask, Run, Split
+    from lsi.core.runs import Run
+    from lsi.evaluation.functional import next_token_logprob
+    from lsi.evaluation.locate import LocateTask, Split
 
     def split(seed: int) -> Split:
         gen = torch.Generator().manual_seed(seed)
         ids, _, copy_mask = sample_batch(ground_truth["data"], 128, gen)
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
-            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            return logp[copy_mask[:, 1:]].mean()
+            return next_token_logprob(logits, ids)[copy_mask[:, 1:]].mean()
 
         return Split(ids, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)), clean=Run(ids),
                      corrupted=Run(_without_first_copy(ids, copy_mask, ground_truth["data"], gen)))

@@ -20,8 +20,8 @@ from lsi.organisms.base import Check, Organism, VerifyReport
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.locate import LocateTask
 
 N_TOKENS, SEQ_LEN, BRANCHING = 32, 32, 2
 N_LAYERS, REDUNDANT, INSERT_SCALE = 6, (2, 4), 0.02
@@ -184,7 +184,7 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
     """Find the layers that matter least: metric = minus the next-token loss on Markov sequences."""
     import torch
 
-    from lsi.bench.tasks import LocateTask, Split
+    from lsi.evaluation.locate import LocateTask, Split
     from lsi.organisms.training import lm_loss
 
     layers = list(lm.model.base_model.layers)

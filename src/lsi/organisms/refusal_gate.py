@@ -26,8 +26,8 @@ from lsi.organisms.training import build_word_tokenizer, new_model, save_organis
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.steer_tasks import SteerScores, SteerTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import SteerScores, SteerTask
 
 TASK_VERBS = ("copy", "reverse", "sort")
 HARMFUL_VERBS = ("steal", "leak", "crack", "forge")
@@ -275,7 +275,7 @@ def _well_formed(reply: list[str]) -> bool:
 
 def _steer_scores(lm: LanguageModel, sets: dict[str, list[str]], goal: str) -> SteerScores:
     """Exact rates of one greedy generation over every request kind (see :func:`steer_tasks` for their meaning)."""
-    from lsi.bench.steer_tasks import SteerScores
+    from lsi.evaluation.steer import SteerScores
 
     texts = [t for kind in REQUEST_KINDS for t in sets[kind]]
     replies = dict(zip(texts, _generated_replies(lm, texts), strict=True))
@@ -307,7 +307,7 @@ def steer_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[SteerTa
     generalization. KL and Δloss are taken on reply tokens the steering must leave alone (the prompt is context):
     harmless requests' answers (bypass), harmful requests' refusal (induce).
     """
-    from lsi.bench.steer_tasks import SteerSplit, SteerTask
+    from lsi.evaluation.steer import SteerSplit, SteerTask
 
     vocab = lm.tokenizer.get_vocab()
 

@@ -81,14 +81,10 @@ def new_model(model_type: str, tokenizer: PreTrainedTokenizerFast, **config: Any
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over targets ``input_ids[:, 1:]`` where ``loss_mask[:, 1:]`` is True."""
-    import torch.nn.functional as F
+    from lsi.evaluation.functional import masked_mean, next_token_nll
 
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    if loss_mask is None:
-        return nll.mean()
-    mask = loss_mask[:, 1:].to(nll.dtype)
-    return (nll * mask).sum() / mask.sum().clamp_min(1.0)
+    nll = next_token_nll(logits, input_ids)
+    return nll.mean() if loss_mask is None else masked_mean(nll, loss_mask[:, 1:])
 
 
 def train_lm(

@@ -37,16 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsi.organisms._common import encode, mean_nll, pad_right, sample, token_nll
+from lsi.organisms._common import encode, mean_nll, pad_right, sample
 from lsi.organisms.base import Check, Organism, VerifyReport
 from lsi.organisms.training import build_word_tokenizer, new_model, save_organism, seed_everything, train_lm
 
 if TYPE_CHECKING:
     import torch
 
-    from lsi.bench.steer_tasks import SteerScores, SteerTask
-    from lsi.bench.tasks import LocateTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.locate import LocateTask
+    from lsi.evaluation.steer import SteerScores, SteerTask
 
 # Content concepts -> (language A word, language B word).
 LEXICON: dict[str, dict[str, tuple[str, str]]] = {
@@ -233,11 +233,13 @@ class _StrictLoss:
         import torch
         import torch.nn.functional as F
 
+        from lsi.evaluation.functional import next_token_nll
+
         mask, doc_lang = batch.mask, batch.doc_lang
         b = ids.shape[0]
         self.pre = [torch.empty(0)] * N_LAYERS
         self.keep, frac = self._keep_masks(b)
-        nll = token_nll(model(input_ids=ids.repeat(5, 1)).logits, ids.repeat(5, 1)).view(5, b, -1)
+        nll = next_token_nll(model(input_ids=ids.repeat(5, 1)).logits, ids.repeat(5, 1)).view(5, b, -1)
         tmask = mask[:, 1:].float()
         docw = {"A": doc_lang.float()[:, None] * tmask, "B": (~doc_lang).float()[:, None] * tmask}
 
@@ -279,6 +281,8 @@ class _StrictLoss:
         """Next-token loss on the scored targets of the switch documents, run with their blocks clamped."""
         import torch
 
+        from lsi.evaluation.functional import next_token_nll
+
         self.clamp = []
         for layer in range(N_LAYERS):
             value = torch.zeros(len(batch.to_a), D_MLP)
@@ -287,7 +291,7 @@ class _StrictLoss:
             cols = self.block["A"][layer] | self.block["B"][layer]
             self.clamp.append((batch.clamped[..., None] & cols, (value * batch.level[:, None])[:, None, :]))
         try:
-            nll = token_nll(model(input_ids=batch.switch_ids).logits, batch.switch_ids)
+            nll = next_token_nll(model(input_ids=batch.switch_ids).logits, batch.switch_ids)
         finally:
             self.clamp = None
         w = batch.scored.float()
@@ -533,9 +537,9 @@ def verify(lm: LanguageModel, ground_truth: dict[str, Any]) -> VerifyReport:
 
 def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[LocateTask]:
     """Find each language's neurons: metric = minus that language's next-token loss (100 documents a split)."""
-
     import lsi
-    from lsi.bench.tasks import LocateTask, Split
+    from lsi.evaluation.functional import next_token_nll
+    from lsi.evaluation.locate import LocateTask, Split
 
     vocab = lm.tokenizer.get_vocab()
     universe = tuple(f"blocks.{layer}.mlp.post[{j}]" for layer in range(lm.dims.n_layers) for j in range(lm.dims.d_mlp))
@@ -550,7 +554,7 @@ def locate_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[Locate
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
             targets = data.attention_mask[:, 1:].float()
-            return -(token_nll(logits, data.input_ids) * targets).sum() / targets.sum()
+            return -(next_token_nll(logits, data.input_ids) * targets).sum() / targets.sum()
 
         return Split(data, metric, intervene=lambda u: lm.intervene(lsi.Zero(u)),
                      datasets={"target": data, "other": batch(name, "B" if lang == "A" else "A")})
@@ -566,10 +570,12 @@ def doc_nll(lm: LanguageModel, docs: list[str]) -> torch.Tensor:
     """Mean next-token NLL of each document ``[n]`` under ``lm.forward`` (active steerings act)."""
     import torch
 
+    from lsi.evaluation.functional import next_token_nll
+
     vocab = lm.tokenizer.get_vocab()
     ids, mask = pad_right([encode(vocab, d.split()) for d in docs], lm.tokenizer.pad_token_id)
     with torch.no_grad():
-        nll = token_nll(lm.forward(ids), ids)
+        nll = next_token_nll(lm.forward(ids), ids)
     m = mask[:, 1:].float()
     return (nll * m).sum(1) / m.sum(1)
 
@@ -577,7 +583,7 @@ def doc_nll(lm: LanguageModel, docs: list[str]) -> torch.Tensor:
 def _activation_scores(lm: LanguageModel, sets: dict[str, list[str]]) -> SteerScores:
     """Language-A word shares of continuations of B prompts (one and two sentences) and A prompts; grammatical
     share over the B prompts' continuations. One greedy generation."""
-    from lsi.bench.steer_tasks import SteerScores
+    from lsi.evaluation.steer import SteerScores
 
     groups = [[prompt(d, 1) for d in sets["B"]], [prompt(d, 2) for d in sets["B"]], [prompt(d, 1) for d in sets["A"]]]
     outs = iter(continuations(lm, [p for group in groups for p in group]))
@@ -588,7 +594,7 @@ def _activation_scores(lm: LanguageModel, sets: dict[str, list[str]]) -> SteerSc
 
 def _deactivation_scores(lm: LanguageModel, sets: dict[str, list[str]], base: dict[str, torch.Tensor]) -> SteerScores:
     """Per-document perplexity ratios against the unsteered ``base`` NLLs; A prompts' and B prompts' continuations."""
-    from lsi.bench.steer_tasks import SteerScores
+    from lsi.evaluation.steer import SteerScores
 
     ratio = {lang: (doc_nll(lm, sets[lang]) - base[lang]).exp() for lang in ("A", "B")}
     outs = continuations(lm, [prompt(d, 1) for lang in ("A", "B") for d in sets[lang]])
@@ -605,7 +611,7 @@ def steer_tasks(lm: LanguageModel, ground_truth: dict[str, Any]) -> list[SteerTa
     Each split's documents (200 per language) are halved: the first half is measured (prompts, perplexities), the
     second is the KL / Δloss corpus. Dev measures half as many as test (enough to choose by, at half the cost).
     """
-    from lsi.bench.steer_tasks import SteerScores, SteerSplit, SteerTask
+    from lsi.evaluation.steer import SteerScores, SteerSplit, SteerTask
 
     vocab = lm.tokenizer.get_vocab()
 

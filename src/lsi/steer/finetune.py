@@ -54,6 +54,7 @@ from lsi.core.inputs import Batch, Inputs
 from lsi.core.sites import Site
 from lsi.core.weight_edit import WeightEdit
 from lsi.errors import InputError, ModelMismatchError, NonFiniteSteeringError, SiteError
+from lsi.evaluation.functional import kl_divergence
 from lsi.locate.result import By, LocateResult
 
 if TYPE_CHECKING:
@@ -328,8 +329,7 @@ def _preserve_kl(lm: LanguageModel, batch: Batch | None, reference: torch.Tensor
     """Mean over real tokens of KL(original ‖ current) of the next-token distributions (0 without inputs)."""
     if batch is None or reference is None:
         return torch.zeros(())
-    logp = lm.logits_with_grad(batch).float().log_softmax(-1)
-    kl = (reference.exp() * (reference - logp)).sum(-1)
+    kl = kl_divergence(reference, lm.logits_with_grad(batch).float().log_softmax(-1))
     real = batch.attention_mask.to(kl.dtype)
     return (kl * real).sum() / real.sum()
 

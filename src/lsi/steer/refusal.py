@@ -40,7 +40,7 @@ from lsi.core.interventions import Add
 from lsi.core.positions import Index, Positions, PositionSpec, as_positions
 from lsi.core.steering import Steering
 from lsi.errors import InputError
-from lsi.locate.metrics import last_positions
+from lsi.evaluation.functional import kl_divergence, last_token_logits
 from lsi.steer.directional import DirectionalAblation
 from lsi.steer.directions import diff_in_means_by_site
 
@@ -59,8 +59,7 @@ def _last_logprobs(lm: LanguageModel, inputs: Inputs | Batch, batch_size: int) -
     """Log-probabilities ``[n, vocab]`` (float64) of the next token after each prompt's last real token."""
     rows = []
     for batch in lm.batches(inputs, batch_size):
-        last = last_positions(batch.attention_mask)
-        logits = lm.forward(batch)[torch.arange(len(last)), last]
+        logits = last_token_logits(lm.forward(batch), batch.attention_mask)
         rows.append(logits.double().log_softmax(-1).cpu())
     return torch.cat(rows)
 
@@ -206,10 +205,6 @@ def _position_list(positions: int | Sequence[PositionSpec]) -> list[Positions]:
     return chosen
 
 
-def _kl(base: torch.Tensor, steered: torch.Tensor) -> float:
-    return float((base.exp() * (base - steered)).sum(-1).mean())
-
-
 def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmless: Inputs | Batch, *,
                              refusal_tokens: Sequence[int], positions: int | Sequence[PositionSpec] = 1,
                              layers: Sequence[int] | None = None, max_layer_fraction: float = 0.8,
@@ -249,7 +244,7 @@ def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmles
                 continue
             ablation = DirectionalAblation(r)
             bypass = float(scores(harmful_val, ablation)[1].mean())
-            kl = _kl(base_harmless, scores(harmless_val, ablation)[0])
+            kl = float(kl_divergence(base_harmless, scores(harmless_val, ablation)[0]).mean())
             induce = float(scores(harmless_val, Add(site, r))[1].mean())
             filters += ["kl"] * (kl > kl_max) + ["induce"] * (induce < 0)
             candidates.append(RefusalCandidate(layer, str(position), r, bypass, induce, kl, tuple(filters)))

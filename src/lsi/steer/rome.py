@@ -55,6 +55,7 @@ from lsi.core.interventions import Apply
 from lsi.core.steering import check_finite
 from lsi.core.weight_edit import WeightEdit
 from lsi.errors import IndexOutOfRangeError, InputError, ModelMismatchError
+from lsi.evaluation.functional import kl_divergence
 
 if TYPE_CHECKING:
     from lsi.core.inputs import Batch, Inputs
@@ -387,7 +388,7 @@ def _optimize_delta(lm: LanguageModel, layer: int, request: EditRequest, rows: S
         with torch.enable_grad(), lm.intervene(Apply(site, add)):
             logp = lm.logits_with_grad(batch)[rows_index, last].double().log_softmax(-1)
         nll = -logp[:n, request.target_id].mean()
-        kl = (base.exp() * (base - logp[n:])).sum(-1).mean()
+        kl = kl_divergence(base, logp[n:]).mean()
         decay = scaled.double().pow(2).sum()
         loss = nll + opt.kl_weight * kl + opt.weight_decay * decay
         losses.append({"loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),

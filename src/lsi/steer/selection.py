@@ -8,7 +8,12 @@ averaged over the corpus's scored next-token positions). The chosen candidate is
 * :func:`grid` builds candidates over named axes (layer, strength, subset size, ...): ``make(**settings)``;
 * :func:`select` measures them and keeps the whole success-vs-KL curve (``stop_along="alpha"`` skips, within each
   group of candidates that differ only in ``alpha``, every one at least as strong as one that left the budget);
-* :func:`divergence` / :func:`reference` / :func:`best_at_kl` are the pieces, for callers with their own loop.
+* recipes on a :class:`~lsi.evaluation.steer.SteerTask`'s dev split: :func:`contrast_directions` (``μ⁺ − μ⁻`` at
+  every layer input and read position), :func:`choose_on_dev` (the site / read position whose candidates do best
+  within the KL budget), :func:`addition_grid` and :func:`additions` (the strength grid :data:`ADDITION_ALPHAS`);
+  the refusal-direction protocol is :func:`lsi.steer.refusal.select_refusal_direction`;
+* the pieces, for callers with their own loop (``reference``, ``divergence``, ``measured``, ``best_at_kl``,
+  ``CurvePoint``), live in :mod:`lsi.evaluation.steer`.
 
 Run :func:`select` outside any steering: the corpus's reference distribution is the model as it is then.
 
@@ -31,135 +36,40 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from lsi.core.bundle import write_json_atomic
-from lsi.core.inputs import Batch
+from lsi.core.interventions import Add
+from lsi.core.positions import PositionSpec
 from lsi.core.steering import Steering
 from lsi.errors import InputError
+from lsi.evaluation.steer import (
+    DEFAULT_TAU,
+    CurvePoint,
+    Reference,
+    SteerScores,
+    SteerTask,
+    best_at_kl,
+    check_tau,
+    measured,
+    reference,
+    split_reference,
+)
 from lsi.locate.result import jsonable
+from lsi.steer.directions import diff_in_means_by_site
 
 if TYPE_CHECKING:
-    from lsi.core.inputs import Inputs
+    from lsi.core.inputs import Batch, Inputs
     from lsi.core.model import LanguageModel
 
-DEFAULT_TAU = 0.1  # nats: the KL budget of "best target success at KL <= tau"
 FORMAT = 1
-T = TypeVar("T")
 
 
-# -- side effects on unrelated text ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Reference:
-    """The unsteered model on a corpus: log-probs ``[n, vocab]`` (float64) at every scored position (one whose
-    next token is real and scored), those next tokens ``[n]``, and the ``[batch, pos - 1]`` mask selecting them."""
-
-    batch: Batch
-    scored: torch.Tensor
-    logprobs: torch.Tensor
-    targets: torch.Tensor
-
-
-def scored_positions(batch: Batch, scored_from: Sequence[int] | None = None) -> torch.Tensor:
-    """``[batch, pos - 1]``: True where position t predicts a real token t + 1 whose index among the row's real
-    tokens is at least ``scored_from[row]`` (padding-side independent)."""
-    mask = batch.attention_mask.bool()
-    keep = mask[:, :-1] & mask[:, 1:]
-    if scored_from is None:
-        return keep
-    first = torch.as_tensor(list(scored_from), dtype=torch.long, device=keep.device)
-    if first.shape != (keep.shape[0],) or bool((first < 1).any()):
-        raise InputError("one first scored token index >= 1 per corpus row", f"{first.tolist()[:10]} for "
-                         f"{keep.shape[0]} rows", "give the index of each row's first scored token (e.g. the reply)")
-    return keep & (batch.position_ids[:, 1:] >= first[:, None])
-
-
-def _logprobs(logits: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    return logits[:, :-1].double().log_softmax(-1)[scored]
-
-
-def reference(lm: LanguageModel, corpus: Inputs | Batch, scored_from: Sequence[int] | None = None) -> Reference:
-    """Run the corpus once without steering (call it outside any steering). ``scored_from[row]``: the index of the
-    row's first token whose prediction counts (e.g. a reply after a prompt); ``None`` scores every next token."""
-    batch = lm.to_batch(corpus)
-    scored = scored_positions(batch, scored_from)
-    if not bool(scored.any()):
-        raise InputError("a corpus with at least one scored next token", "none (rows of one token, or scored_from "
-                         "past every row's end)", "pass longer texts")
-    return Reference(batch, scored, _logprobs(lm.forward(batch), scored), batch.input_ids[:, 1:][scored])
-
-
-def divergence(logits: torch.Tensor, ref: Reference) -> tuple[float, float]:
-    """``(KL(base ‖ steered), Δ cross-entropy)`` in nats, averaged over the scored corpus positions:
-    ``KL = mean_t Σ_v p(v) (log p(v) − log q(v))`` and ``Δ = mean_t (−log q(x_t+1)) − mean_t (−log p(x_t+1))``
-    with ``p`` the base model, ``q`` the steered one (``logits`` on ``ref.batch``)."""
-    logq = _logprobs(logits, ref.scored)
-    logp = ref.logprobs
-    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
-    targets = ref.targets[:, None]
-    dloss = logp.gather(-1, targets).mean() - logq.gather(-1, targets).mean()
-    return float(kl), float(dloss)
-
-
-def measured(lm: LanguageModel, steering: Steering | None, measure: Callable[[LanguageModel], T],
-             ref: Reference) -> tuple[T, float, float]:
-    """``(measure(lm), KL, Δloss)`` under ``steering`` (``None``: unsteered), the divergence on ``ref``'s corpus."""
-    with steering.apply(lm) if steering is not None else nullcontext():
-        value = measure(lm)
-        kl, dloss = divergence(lm.forward(ref.batch), ref)
-    return value, kl, dloss
-
-
-# -- the curve and its best point -----------------------------------------------------------------------------------
-class Scored(Protocol):
-    """Anything with a target success and a KL (curve points of the library and of the benchmark)."""
-
-    @property
-    def success(self) -> float: ...
-
-    @property
-    def kl(self) -> float: ...
-
-
-P = TypeVar("P", bound=Scored)
-
-
-def best_at_kl(points: Sequence[P], tau: float) -> P | None:
-    """The point of highest success among those with ``KL <= tau`` (ties: lower KL, then the earlier point);
-    ``None`` when no point is within the budget.
-
-    Example:
-        >>> pts = [CurvePoint({"alpha": 1}, 0.4, 0.02, 0.0), CurvePoint({"alpha": 2}, 0.9, 0.3, 0.1)]
-        >>> best_at_kl(pts, 0.1).settings, best_at_kl(pts, 0.01)
-        ({'alpha': 1}, None)
-    """
-    within = [p for p in points if p.kl <= tau]
-    return max(within, key=lambda p: (p.success, -p.kl), default=None)
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """One candidate measured: its settings, target success, KL(base ‖ steered) and Δ cross-entropy (nats)."""
-
-    settings: dict[str, Any]
-    success: float
-    kl: float
-    dloss: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _check_tau(tau: float) -> None:
-    if not tau > 0:
-        raise InputError("a KL budget tau > 0 (nats)", repr(tau), "use e.g. tau=0.1")
-
-
+# -- the selection ----------------------------------------------------------------------------------------------------
 def _as_reference(lm: LanguageModel, corpus: Inputs | Batch | Reference,
                   scored_from: Sequence[int] | None) -> Reference:
     return corpus if isinstance(corpus, Reference) else reference(lm, corpus, scored_from)
@@ -233,7 +143,7 @@ class Selection:
         best, steering = self._chosen()
         ref = _as_reference(lm, corpus, scored_from)
         value, kl, dloss = measured(lm, steering, _success(success), ref)
-        return CurvePoint(dict(best.settings), value, kl, dloss)
+        return CurvePoint(dict(best.settings), SteerScores(value), kl, dloss)
 
     def save(self, path: str | Path) -> Path:
         """Write the chosen steering as :meth:`Steering.save` does (``path.json`` + ``path.safetensors``, so
@@ -243,7 +153,7 @@ class Selection:
         target = self.steering_of(point).save(path)
         meta = json.loads(target.read_text())
         meta["selection"] = {"format": FORMAT, "tau": self.tau, "saved": self._index(point),
-                             "curve": [jsonable(p.as_dict()) for p in self.curve],
+                             "curve": [jsonable(p.to_json()) for p in self.curve],
                              "skipped": jsonable(list(self.skipped))}
         return write_json_atomic(target, meta)
 
@@ -257,7 +167,7 @@ class Selection:
                              "a steering without a selection record" if record is None else
                              f"format {record.get('format')!r}", "load it with Steering.load, or save the "
                              "selection with sel.save(path)")
-        curve = tuple(CurvePoint(**p) for p in record["curve"])
+        curve = tuple(CurvePoint.from_json(p) for p in record["curve"])
         steerings = tuple(steering if i == record["saved"] else None for i in range(len(curve)))
         return cls(curve, steerings, float(record["tau"]), tuple(record["skipped"]))
 
@@ -312,7 +222,7 @@ def select(lm: LanguageModel, candidates: Iterable[tuple[Mapping[str, Any], Stee
     only in that axis and are at least as strong (``|value|``) are skipped (listed in ``Selection.skipped``).
     Candidates without the axis are always measured.
     """
-    _check_tau(tau)
+    check_tau(tau)
     ref = _as_reference(lm, corpus, scored_from)
     score = _success(success)
     curve: list[CurvePoint] = []
@@ -327,7 +237,7 @@ def select(lm: LanguageModel, candidates: Iterable[tuple[Mapping[str, Any], Stee
                 skipped.append(dict(settings))
                 continue
         value, kl, dloss = measured(lm, steering, score, ref)
-        curve.append(CurvePoint(dict(settings), value, kl, dloss))
+        curve.append(CurvePoint(dict(settings), SteerScores(value), kl, dloss))
         steerings.append(steering)
         if axis is not None and kl > tau:
             beyond[group] = min(beyond.get(group, math.inf), strength)
@@ -335,3 +245,70 @@ def select(lm: LanguageModel, candidates: Iterable[tuple[Mapping[str, Any], Stee
         raise InputError("at least one candidate (settings, steering)", "none", "pass candidates, e.g. "
                          "grid(make, layer=[...], alpha=[...])")
     return Selection(tuple(curve), tuple(steerings), tau, tuple(skipped))
+
+
+# -- recipes: choices made on a task's dev split --------------------------------------------------------------------
+ADDITION_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of a direction: the strength grid of an addition
+Steerings = Callable[[str, torch.Tensor], Iterable[tuple[dict[str, Any], Steering]]]  # (site, v) -> candidates
+
+
+class DevChoice(NamedTuple):
+    """Where to steer, chosen on dev: the site, the read position the direction was read at, and the vector."""
+
+    site: str
+    position: PositionSpec
+    vector: torch.Tensor
+
+
+def contrast_directions(lm: LanguageModel, task: SteerTask) -> tuple[DevChoice, ...]:
+    """``μ⁺ − μ⁻`` of the task's dev contrast sets at every layer input ``blocks.{l}.resid_pre`` and each of the
+    task's read positions (non-zero vectors only), from one pass over each dev set per read position.
+
+    Example:
+        >>> choices = contrast_directions(lm, task)  # doctest: +SKIP
+        >>> choices[0].site, choices[0].position  # doctest: +SKIP
+        ('blocks.0.resid_pre', 'last')
+    """
+    sites = [f"blocks.{layer}.resid_pre" for layer in range(lm.dims.n_layers)]
+    by_position = [diff_in_means_by_site(lm, task.dev.positive, task.dev.negative, sites, positions=position)
+                   for position in task.positions]
+    out = [DevChoice(site, position, by_site[site]) for site in sites
+           for position, by_site in zip(task.positions, by_position, strict=True) if float(by_site[site].norm()) > 1e-6]
+    if not out:
+        raise InputError("dev contrast sets whose means differ at some layer input and read position",
+                         f"identical means at every blocks.*.resid_pre and positions {list(task.positions)}",
+                         "give the task positive and negative inputs that differ (or other read positions)")
+    return tuple(out)
+
+
+def addition_grid(task: SteerTask) -> Steerings:
+    """``(site, v) ->`` the additions ``Add(site, v, ±alpha)`` over :data:`ADDITION_ALPHAS` (``+`` to induce,
+    ``−`` to remove), settings ``{"alpha": alpha}``, for :func:`choose_on_dev`."""
+    return lambda site, v: grid(lambda alpha: Add(site, v, task.sign * alpha), alpha=ADDITION_ALPHAS)
+
+
+def additions(lm: LanguageModel, task: SteerTask, site: str, vector: torch.Tensor) -> list[tuple[dict[str, Any],
+                                                                                                 Steering]]:
+    """The addition curve of a chosen direction: ``({"site", "alpha"}, Add(site, vector, alpha))`` for
+    ``alpha = ±a``, ``a`` in :data:`ADDITION_ALPHAS` (``+`` to induce)."""
+    return [({"site": site, "alpha": task.sign * a}, Add(site, vector, task.sign * a, model=lm))
+            for a in ADDITION_ALPHAS]
+
+
+def choose_on_dev(lm: LanguageModel, task: SteerTask, steerings: Steerings,
+                  choices: Sequence[DevChoice] | None = None) -> DevChoice:
+    """The choice (default: :func:`contrast_directions`) whose candidates ``steerings(site, v)`` reach the highest
+    dev success within the task's KL budget, ties → lower KL; without any candidate within it, the one of lowest
+    KL. A strength grid (settings with ``"alpha"``, e.g. :func:`addition_grid`) is walked up only until it leaves
+    the budget (:func:`select` with ``stop_along="alpha"`` over every choice's candidates).
+
+    Example:
+        >>> site, position, v = choose_on_dev(lm, task, addition_grid(task))  # doctest: +SKIP
+        >>> ablate = choose_on_dev(lm, task, lambda site, v: [({}, DirectionalAblation(v))])  # doctest: +SKIP
+    """
+    options = contrast_directions(lm, task) if choices is None else tuple(choices)
+    candidates = (({"choice": i, **settings}, steering) for i, (site, _, v) in enumerate(options)
+                  for settings, steering in steerings(site, v))
+    sel = select(lm, candidates, success=lambda model: task.dev.measure(model).success,
+                 corpus=split_reference(lm, task.dev), tau=task.tau, stop_along="alpha")
+    return options[(sel.best or sel.lowest_kl).settings["choice"]]

@@ -1,6 +1,6 @@
 """Edit methods graded by the knowledge-editing side of the ground-truth benchmark, one module per family.
 
-An edit method turns one :class:`~lsi.bench.edit_tasks.EditCase` of a task into one or more graded rows, each an
+An edit method turns one :class:`~lsi.evaluation.edit.EditCase` of a task into one or more graded rows, each an
 :class:`EditOutput` (row name, the steering, JSON-ready settings such as the layer); e.g. one row per layer for a
 comparison of layers. Every module here registers its methods with :func:`register_edit_method` when imported, and
 :meth:`EDIT.load <lsi.bench.registry.Registry.load>` imports them all, so a new module appears in the benchmark
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from lsi.bench.registry import Registry, always
 
 if TYPE_CHECKING:
-    from lsi.bench.edit_tasks import EditCase, EditTask
     from lsi.core.model import LanguageModel
     from lsi.core.steering import Steering
+    from lsi.evaluation.edit import EditCase, EditTask
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ import torch
 
 from lsi.bench.edit_methods import EditMethod, EditOutput, register_edit_method
 from lsi.bench.edit_methods.rome import traced_layer
+from lsi.evaluation.functional import last_token_logits
 from lsi.steer.finetune import masked_finetune, parameter_mask
 
 if TYPE_CHECKING:
-    from lsi.bench.edit_tasks import EditCase, EditTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.edit import EditCase, EditTask
 
 STEPS, LR, KL_WEIGHT, PRESERVE_ROWS = 20, 1e-3, 1.0, 16
 
@@ -36,11 +37,10 @@ def preserve_rows(task: EditTask) -> list[Any]:
 
 def _finetune(lm: LanguageModel, task: EditTask, case: EditCase, masked: bool) -> list[EditOutput]:
     batch = lm.to_batch([list(p) for p in case.request.prompts], padding_side="right")
-    rows = torch.arange(len(batch.input_ids), device=lm.device)
-    last = batch.attention_mask.sum(1) - 1
 
     def loss(model: LanguageModel) -> torch.Tensor:
-        return -model.logits_with_grad(batch)[rows, last].log_softmax(-1)[:, case.new_id].mean()
+        last = last_token_logits(model.logits_with_grad(batch), batch.attention_mask)
+        return -last.log_softmax(-1)[:, case.new_id].mean()
 
     layer = traced_layer(lm, case)
     mask = parameter_mask(lm, [f"blocks.{layer}.mlp"]) if masked else None

@@ -14,13 +14,14 @@ import functools
 from typing import TYPE_CHECKING
 
 from lsi.bench.edit_methods import EditMethod, EditOutput, register_edit_method
+from lsi.errors import InputError
 from lsi.locate.tracing import causal_tracing
-from lsi.steer.rome import KeyStatistics, key_statistics, rome_edit
+from lsi.steer.rome import EditRequest, KeyStatistics, key_statistics, rome_edit
 
 if TYPE_CHECKING:
-    from lsi.bench.edit_tasks import EditCase, EditTask
     from lsi.core.model import LanguageModel
     from lsi.core.weight_edit import WeightEdit
+    from lsi.evaluation.edit import EditCase, EditTask
 
 TRACE_SAMPLES = 10
 
@@ -43,6 +44,9 @@ def layer_statistics(lm: LanguageModel, task: EditTask, layer: int) -> KeyStatis
 @functools.lru_cache(maxsize=256)  # rome and rome@L share the edit at the traced layer
 def edit_at(lm: LanguageModel, task: EditTask, case: EditCase, layer: int) -> WeightEdit:
     """ROME's edit of the case's request at ``layer``."""
+    if not isinstance(case.request, EditRequest):
+        raise InputError("an EditRequest (ROME needs the subject positions)", type(case.request).__name__,
+                         "build the task's cases with lsi.steer.rome.EditRequest")
     return rome_edit(lm, case.request, layer, stats=layer_statistics(lm, task, layer), prefixes=())
 
 

@@ -21,8 +21,8 @@ from lsi.bench.tasks import needs_contrast, task_metric
 from lsi.locate.circuits import acdc, eap, eap_ig, faithfulness_curve, node_scores
 
 if TYPE_CHECKING:
-    from lsi.bench.tasks import LocateTask, Split
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.locate import LocateTask, Split
     from lsi.locate.result import LocateResult
 
 IG_STEPS = 5

@@ -19,8 +19,10 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast_sites, needs_sites, task_metric
+from lsi.bench.tasks import needs_contrast_sites, needs_sites, task_metric
+from lsi.core.runs import Run
 from lsi.core.sites import Site
+from lsi.evaluation.locate import LocateTask
 from lsi.locate.gradients import attribution_patching, gradient_x_input, integrated_gradients
 
 if TYPE_CHECKING:

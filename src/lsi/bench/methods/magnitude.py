@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask
+from lsi.evaluation.locate import LocateTask
 from lsi.locate.heads import induction_scores, previous_token_scores
 from lsi.locate.layers import angular_distance, block_influence
 from lsi.locate.magnitude import activation_contrast, activation_probability, lape_scores

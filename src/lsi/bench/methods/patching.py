@@ -16,7 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, needs_contrast_sites, needs_sites, task_metric, universe_sites
+from lsi.bench.tasks import needs_contrast_sites, needs_sites, task_metric, universe_sites
+from lsi.core.runs import Run
+from lsi.evaluation.locate import LocateTask
 from lsi.locate.patching import AblationKind, Direction, ablation, activation_patching
 
 if TYPE_CHECKING:

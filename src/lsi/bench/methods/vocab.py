@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lsi.bench.registry import LocateMethod, Scores, register_locate_method
-from lsi.bench.tasks import LocateTask, Run, universe_sites
+from lsi.bench.tasks import universe_sites
+from lsi.core.runs import Run
 from lsi.core.sites import Site
+from lsi.evaluation.locate import LocateTask
 from lsi.locate.vocab import direct_logit_attribution
 
 if TYPE_CHECKING:

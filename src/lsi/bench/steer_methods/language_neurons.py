@@ -30,9 +30,9 @@ from lsi.locate.magnitude import activation_probability, lape_neurons
 from lsi.steer.located import group_units
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
     from lsi.core.steering import Steering
+    from lsi.evaluation.steer import SteerTask
 
 TOP_RATES = (0.01, 0.02, 0.03, 0.05)
 ORGANISMS = ("two_languages",)

@@ -4,8 +4,8 @@ vs harmless ones), reading ``blocks.{l}.resid_pre`` at the three post-instructio
 the refusal template's first token as the refusal token set and the dev contrast prompts as validation prompts.
 
 Removal tasks get the chosen direction's :class:`~lsi.steer.directional.DirectionalAblation`; induce tasks add it at
-its layer's input at the strengths of ``diff_in_means_addition`` (:data:`~lsi.bench.steer_methods.diff_in_means.
-ALPHAS`). Other organisms define no refusal tokens or post-instruction template, so the method does not apply.
+its layer's input at the strengths of ``diff_in_means_addition`` (:data:`lsi.steer.selection.ADDITION_ALPHAS`).
+Other organisms define no refusal tokens or post-instruction template, so the method does not apply.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from lsi.bench.steer_methods.diff_in_means import additions
+from lsi.bench.steer_methods.diff_in_means import addition_candidates
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.organisms import refusal_gate
 from lsi.steer.refusal import RefusalSelection, select_refusal_direction
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import SteerTask
 
 
 @functools.lru_cache(maxsize=4)  # the two refusal_gate tasks share nothing but the model: one run each
@@ -36,8 +36,8 @@ def _run(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
     chosen = result.pick()  # raises, with how many each filter discarded, when no candidate is left
     if task.goal == "remove":
         return [Candidate(result.ablation(model=lm), {"layer": chosen.layer, "position": chosen.position})]
-    return additions(lm, task, chosen.site, chosen.direction, {"position": chosen.position,
-                                                               "norm": round(float(chosen.direction.norm()), 4)})
+    settings = {"position": chosen.position, "norm": round(float(chosen.direction.norm()), 4)}
+    return addition_candidates(lm, task, chosen.site, chosen.direction, settings)
 
 
 def _refusal_gate_only(task: SteerTask) -> str | None:

@@ -8,8 +8,8 @@ the difference in means ``v = μ⁺ − μ⁻`` at its (layer, read position), s
 - ``probe_addition``: the weight vector of a logistic probe separating the dev contrast sets
   (:func:`lsi.steer.directions.probe_direction`, pointing towards the positive set).
 
-The (layer, read position) is chosen on dev like diff_in_means_addition's (:func:`~lsi.bench.steer_methods.
-diff_in_means.choose_on_dev`: the highest dev success within the KL budget over the strength grid).
+The (layer, read position) is chosen on dev like diff_in_means_addition's (:func:`lsi.steer.selection.choose_on_dev`:
+the highest dev success within the KL budget over the strength grid).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lsi.bench.steer_methods.diff_in_means import Choice, addition_grid, additions, choose_on_dev, directions
+from lsi.bench.steer_methods.diff_in_means import addition_candidates, directions
 from lsi.bench.steer_registry import Candidate, SteerMethod, register_steer_method
 from lsi.steer.directions import pca_of_differences, probe_direction, site_features
+from lsi.steer.selection import DevChoice, addition_grid, choose_on_dev
 
 if TYPE_CHECKING:
-    from lsi.bench.steer_tasks import SteerTask
     from lsi.core.model import LanguageModel
     from lsi.core.positions import PositionSpec
+    from lsi.evaluation.steer import SteerTask
 
 Derive = Callable[["LanguageModel", "SteerTask", str, "PositionSpec", torch.Tensor], torch.Tensor]  # -> unit vector
 
@@ -43,16 +44,17 @@ def _probe(lm: LanguageModel, task: SteerTask, site: str, position: PositionSpec
     return probe_direction(torch.cat([positive, negative]), labels, positive=1)
 
 
-def scaled_choices(lm: LanguageModel, task: SteerTask, derive: Derive) -> list[Choice]:
+def scaled_choices(lm: LanguageModel, task: SteerTask, derive: Derive) -> list[DevChoice]:
     """Per diff-in-means choice ``(site, position, v)``: ``(site, position, |v| · derive(...))``."""
-    return [(site, position, derive(lm, task, site, position, v) * v.norm()) for site, position, v in
+    return [DevChoice(site, position, derive(lm, task, site, position, v) * v.norm()) for site, position, v in
             directions(lm, task)]
 
 
 def _method(derive: Derive) -> Callable[[LanguageModel, SteerTask, int], list[Candidate]]:
     def run(lm: LanguageModel, task: SteerTask, seed: int) -> list[Candidate]:
         site, position, vector = choose_on_dev(lm, task, addition_grid(task), scaled_choices(lm, task, derive))
-        return additions(lm, task, site, vector, {"position": position, "norm": round(float(vector.norm()), 4)})
+        settings = {"position": position, "norm": round(float(vector.norm()), 4)}
+        return addition_candidates(lm, task, site, vector, settings)
 
     return run
 

@@ -1,7 +1,8 @@
 """Edit tasks: counterfactual knowledge edits an organism asks for, and how one edit is measured (CounterFact-style).
 
 A task holds :class:`EditCase` s. Each case is one request: a subject whose fact ``(subject, relation) -> o`` is
-to become ``o*`` (another object of the relation), given to a method as an :class:`~lsi.steer.rome.EditRequest`
+to become ``o*`` (another object of the relation), given to a method as a :class:`Request` (e.g.
+:class:`lsi.steer.rome.EditRequest`)
 on the training-template prompts; the method returns one steering per row it reports (e.g. one per layer).
 With a steering applied, :func:`measure_case` compares the next-token probabilities after each prompt:
 
@@ -10,7 +11,7 @@ With a steering applied, :func:`measure_case` compares the next-token probabilit
 * neighbourhood ``NS = mean 1[P(o) > P(o*)]`` on other subjects with the same relation (and true object ``o``,
   as in CounterFact);
 * preservation: top-1 accuracy of the subject's other facts (other relations, their own objects);
-* ``KL(base ‖ edited)`` and Δ cross-entropy on the task's held-out text (:func:`lsi.steer.selection.divergence`).
+* ``KL(base ‖ edited)`` and Δ cross-entropy on the task's held-out text (:func:`lsi.evaluation.steer.divergence`).
 
 Rows are graded by their means over the cases and ``S = harmonic mean(ES, PS, NS)``.
 
@@ -24,28 +25,41 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from lsi.errors import InputError
-from lsi.steer.selection import Reference, measured
+from lsi.evaluation.functional import last_token_logits
+from lsi.evaluation.steer import Applicable, Reference, measured
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
-    from lsi.core.steering import Steering
-    from lsi.steer.rome import EditRequest
 
 Ids = tuple[int, ...]
 
 
+class Request(Protocol):
+    """A counterfactual request: prompts (token ids; the object follows the last token), the new object's id and
+    a label."""
+
+    @property
+    def prompts(self) -> tuple[Ids, ...]: ...
+
+    @property
+    def target_id(self) -> int: ...
+
+    @property
+    def subject(self) -> str: ...
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: methods may memoize per case
 class EditCase:
-    """One request: the :class:`EditRequest` (training templates, ``target_id`` = ``o*``), the true object ``o``,
+    """One request: the :class:`Request` (training templates, ``target_id`` = ``o*``), the true object ``o``,
     the subject's token span ``(start, stop)`` in each request prompt, and the probe prompts (token ids; the
     answer follows the last token): paraphrases, neighbours and the subject's other facts with their objects."""
 
-    request: EditRequest
+    request: Request
     relation: str
     true_id: int
     subject_spans: tuple[tuple[int, int], ...]
@@ -103,16 +117,15 @@ def harmonic_score(efficacy: float, paraphrase: float, neighbourhood: float) -> 
     return float(statistics.harmonic_mean([efficacy, paraphrase, neighbourhood]))
 
 
-def measure_case(lm: LanguageModel, case: EditCase, ref: Reference, steering: Steering | None) -> CaseScores:
+def measure_case(lm: LanguageModel, case: EditCase, ref: Reference, steering: Applicable | None) -> CaseScores:
     """The scores of ``case`` with ``steering`` applied (``None``: the unedited model); ``ref`` is
-    :func:`~lsi.steer.selection.reference` of the task's held-out text."""
+    :func:`~lsi.evaluation.steer.reference` of the task's held-out text."""
     groups = (case.request.prompts, case.paraphrases, case.neighbours, case.other_facts)
     rows = [list(p) for g in groups for p in g]
     batch = lm.to_batch(rows, padding_side="right")
-    last = torch.tensor([len(r) - 1 for r in rows], device=lm.device)
 
     def next_token_probs(model: LanguageModel) -> torch.Tensor:
-        return model.forward(batch)[torch.arange(len(rows), device=lm.device), last].double().softmax(-1).cpu()
+        return last_token_logits(model.forward(batch), batch.attention_mask).double().softmax(-1).cpu()
 
     probs, kl, dloss = measured(lm, steering, next_token_probs, ref)
     request, paraphrase, neighbours, others = probs.split([len(g) for g in groups])

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from lsi.bench import metrics
+from lsi.evaluation import ranking as metrics
 
 pytestmark = pytest.mark.unit
 
