@@ -12,7 +12,7 @@ import pytest
 
 from lsi._lazy import stub_exports
 
-PACKAGES = ["lsi"]
+PACKAGES = ["lsi", "lsi.locate", "lsi.steer"]
 SRC = Path(__file__).parents[2] / "src"
 
 
