@@ -8,6 +8,8 @@ A block that only shows a shape of code, not a runnable example, is fenced as ``
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,11 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)], ids=lambda d: d.name)
 def test_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": f"docs_{doc.stem}"}
+    module = types.ModuleType(f"docs_{doc.stem}")  # a real module: dataclasses defined in the examples need one
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     for line, code in python_blocks(doc):
         code = code.replace('"../shared/', f'"{SHARED}/')
-        exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)
+        exec(compile(code, f"{doc.name}:{line}", "exec"), module.__dict__)
 
 
 def test_blocks_are_found(tmp_path: Path) -> None:
