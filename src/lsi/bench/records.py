@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from lsi.errors import InputError
 from lsi.evaluation.edit import CaseScores
@@ -47,6 +47,32 @@ def _check_schema(data: Mapping[str, Any]) -> None:
     if data.get("schema") != SCHEMA_VERSION:
         raise InputError(f"a benchmark result of schema {SCHEMA_VERSION}", f"schema {data.get('schema')!r}",
                          "rerun `lsi bench groundtruth --json PATH` with this version of lsi")
+
+
+class TaskRecord(Protocol):
+    def to_json(self) -> Json: ...
+
+
+T = TypeVar("T", bound=TaskRecord)
+R = TypeVar("R", bound="SideRun[Any]")
+
+
+@dataclass(frozen=True)
+class SideRun(Generic[T]):
+    """One side of a run: a record per task (of type ``task_record``) and the organisms skipped, with why."""
+
+    task_record: ClassVar[Any]
+    tasks: tuple[T, ...]
+    skipped_organisms: dict[str, str]
+
+    def to_json(self) -> Json:
+        return {"schema": SCHEMA_VERSION, "tasks": [t.to_json() for t in self.tasks],
+                "skipped_organisms": self.skipped_organisms}
+
+    @classmethod
+    def from_json(cls: type[R], data: Mapping[str, Any]) -> R:
+        _check_schema(data)
+        return cls(tuple(cls.task_record.from_json(t) for t in data["tasks"]), dict(data["skipped_organisms"]))
 
 
 # -- locate side ----------------------------------------------------------------------------------------------------
@@ -96,18 +122,10 @@ class LocateTaskResult:
 
 
 @dataclass(frozen=True)
-class LocateRun:
-    tasks: tuple[LocateTaskResult, ...]
-    skipped_organisms: dict[str, str]
+class LocateRun(SideRun[LocateTaskResult]):
+    """The locate side: graded locate methods per task."""
 
-    def to_json(self) -> Json:
-        return {"schema": SCHEMA_VERSION, "tasks": [t.to_json() for t in self.tasks],
-                "skipped_organisms": self.skipped_organisms}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LocateRun:
-        _check_schema(data)
-        return cls(tuple(LocateTaskResult.from_json(t) for t in data["tasks"]), dict(data["skipped_organisms"]))
+    task_record = LocateTaskResult
 
 
 # -- steer side -----------------------------------------------------------------------------------------------------
@@ -163,18 +181,10 @@ class SteerTaskResult:
 
 
 @dataclass(frozen=True)
-class SteerRun:
-    tasks: tuple[SteerTaskResult, ...]
-    skipped_organisms: dict[str, str]
+class SteerRun(SideRun[SteerTaskResult]):
+    """The steer side: success-vs-KL curves per task and method."""
 
-    def to_json(self) -> Json:
-        return {"schema": SCHEMA_VERSION, "tasks": [t.to_json() for t in self.tasks],
-                "skipped_organisms": self.skipped_organisms}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SteerRun:
-        _check_schema(data)
-        return cls(tuple(SteerTaskResult.from_json(t) for t in data["tasks"]), dict(data["skipped_organisms"]))
+    task_record = SteerTaskResult
 
 
 # -- edit side ------------------------------------------------------------------------------------------------------
@@ -239,18 +249,10 @@ class EditTaskResult:
 
 
 @dataclass(frozen=True)
-class EditRun:
-    tasks: tuple[EditTaskResult, ...]
-    skipped_organisms: dict[str, str]
+class EditRun(SideRun[EditTaskResult]):
+    """The edit side: knowledge-editing scores per task and method."""
 
-    def to_json(self) -> Json:
-        return {"schema": SCHEMA_VERSION, "tasks": [t.to_json() for t in self.tasks],
-                "skipped_organisms": self.skipped_organisms}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> EditRun:
-        _check_schema(data)
-        return cls(tuple(EditTaskResult.from_json(t) for t in data["tasks"]), dict(data["skipped_organisms"]))
+    task_record = EditTaskResult
 
 
 # -- a whole run ----------------------------------------------------------------------------------------------------
