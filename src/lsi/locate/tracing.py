@@ -59,8 +59,7 @@ class TraceEffects:
 
     ``ie``: ``[prompts, layers, positions]`` indirect effects averaged over noise samples (NaN where a prompt has
     no such position); ``p_clean`` / ``p_corrupt``: ``[prompts]`` target probabilities (``p_corrupt`` averaged
-    over noise samples); ``positions``: the column labels; ``settings["site"]``: the restored sites
-    (``blocks.{l}.mlp.out``).
+    over noise samples); ``positions``: the column labels.
     """
 
     ie: torch.Tensor
@@ -77,7 +76,7 @@ class TraceEffects:
     def result(self) -> LocateResult:
         """IE averaged over prompts as a ``site × position`` result (one restored site per layer, e.g.
         ``blocks.3.mlp.out``); TE and the probabilities in settings."""
-        sites = tuple(str(self.settings["site"]).replace("{l}", str(i)) for i in range(self.ie.shape[1]))
+        sites = tuple(f"blocks.{i}.{KIND_SITES[self.settings['kind']]}" for i in range(self.ie.shape[1]))
         return LocateResult(self.ie.nanmean(0), (("site", sites), ("position", self.positions)),
                             method="causal_tracing", metric="p(target)",
                             settings={**self.settings, "te": float(self.te.mean()),
@@ -102,7 +101,7 @@ def causal_tracing(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target
     Example:
         >>> result = causal_tracing(lm, "The capital of France is", "France", " Paris")  # doctest: +SKIP
         >>> result.top(1)  # doctest: +SKIP
-        [('blocks.3.mlp.out@5', 0.41)]
+        [('blocks.0.mlp.out@3', 0.766...)]
     """
     return trace_effects(lm, prompts, subject, target, kind=kind, window=window, positions=positions,
                          noise_samples=noise_samples, noise_scale=noise_scale, seed=seed,
