@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every registered family, and the stories260k checkpoint."""
+"""Shared fixtures: tiny random models of every registered family, the stories260k checkpoint and SmolLM2."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ torch.set_num_threads(int(os.environ.get("LSI_TEST_THREADS", "1")))
 
 # tests/conftest.py -> repo root (parents[1]) -> ../shared/models/stories260k
 STORIES_DIR = (Path(__file__).parents[1] / ".." / "shared" / "models" / "stories260k").resolve()
+# Where scripts/get-smollm2 puts SmolLM2-135M-Instruct (same variable, same default).
+SMOLLM2_FILE = (Path(os.environ.get("LSI_SMOLLM2", Path.home() / ".cache" / "lsi" / "smollm2"))
+                / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class CharTokenizer:
@@ -83,3 +86,13 @@ def stories_lm(stories_dir: Path) -> Any:
     import lsi
 
     return lsi.load(stories_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """SmolLM2-135M-Instruct (30 layers, d_model 576, 9 heads / 3 KV heads), loaded once, as users load it."""
+    import lsi
+
+    if not SMOLLM2_FILE.is_file():
+        pytest.skip(f"SmolLM2 not found at {SMOLLM2_FILE} (run scripts/get-smollm2; LSI_SMOLLM2 sets its directory)")
+    return lsi.load(SMOLLM2_FILE)

@@ -29,3 +29,16 @@ def hf_logits(lm, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits of the plain HF model (no lsi involved)."""
     with torch.no_grad():
         return lm.model(ids, **kwargs).logits
+
+
+class PrintableTokenizer:
+    """One token per printable ASCII character (id = ord(c) - 29, so 3..97 fits the tiny vocab), with ``decode``."""
+
+    pad_token_id = 0
+    padding_side = "right"
+
+    def __call__(self, text: str, **kwargs) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) - 29 for c in text]}
+
+    def decode(self, ids, **kwargs) -> str:
+        return "".join(chr(int(i) + 29) for i in ids)

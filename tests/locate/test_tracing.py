@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_helpers import PrintableTokenizer
 
 import lsi
 from lsi.errors import InputError
@@ -72,7 +73,7 @@ def test_indirect_effects_equal_one_forward_per_restoration(tiny_lm, kind, windo
     torch.testing.assert_close(effects.p_corrupt, p_corrupt, atol=ATOL, rtol=0)
     torch.testing.assert_close(effects.p_clean, target_probs(clean.logits), atol=ATOL, rtol=0)
     result = effects.result()
-    assert result.axes == (("layer", ("0", "1", "2", "3")), ("position", tuple("012345")))
+    assert result.axes == (("site", tuple(f"blocks.{i}.{site}" for i in range(4))), ("position", tuple("012345")))
     torch.testing.assert_close(result.scores, expected.mean(0), atol=ATOL, rtol=0)
     assert result.settings["te"] == pytest.approx(float((effects.p_clean - p_corrupt).mean()), abs=ATOL)
 
@@ -136,3 +137,24 @@ def test_fact_world_tracing_finds_the_planted_layer_per_fact():
     per_fact = torch.zeros(len(facts), lm.dims.n_layers).index_add_(0, row_fact, effects.ie[:, :, 0])
     fraction = (per_fact.argmax(1) == truth["layer"]).float().mean().item()
     assert fraction >= 0.9, f"argmax MLP layer = planted layer {truth['layer']} for {fraction:.3f} of facts"
+
+
+def test_subject_and_target_as_text(tiny_lm):
+    """A subject string is found in each prompt's tokens: the same effects as its token spans."""
+    tokenizer = PrintableTokenizer()
+    lm = lsi.LanguageModel(tiny_lm("gpt2", n_layer=2).model, tokenizer)
+    prompts = ["xParis is in", "in Paris it"]
+    target = tokenizer("e")["input_ids"][0]
+    by_text = trace_effects(lm, prompts, "Paris", "e", noise_samples=2)
+    by_span = trace_effects(lm, prompts, [(1, 6), (3, 8)], target, noise_samples=2)
+    torch.testing.assert_close(by_text.ie, by_span.ie, equal_nan=True, atol=0, rtol=0)
+    per_prompt = trace_effects(lm, prompts, ["xP", "it"], ["e", "e"], noise_samples=2)
+    torch.testing.assert_close(per_prompt.ie, trace_effects(lm, prompts, [(0, 2), (9, 11)], target,
+                                                            noise_samples=2).ie, equal_nan=True, atol=0, rtol=0)
+    with pytest.raises(InputError, match="prompt 1") as info:
+        trace_effects(lm, prompts, "xP", target)
+    assert "not in" in info.value.found
+    with pytest.raises(InputError, match="once"):
+        trace_effects(lm, ["in in"], "in", target)
+    with pytest.raises(InputError, match="one token"):
+        trace_effects(lm, prompts, "Paris", "ee")

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lsi.core.inputs import Batch
+from lsi.core.spans import token_id
 from lsi.errors import InputError
 from lsi.evaluation.functional import kl_divergence, last_positions, last_token_logits, masked_mean, next_token_logprob
 
 Tokens = int | Sequence[int] | torch.Tensor  # one id for every row, or one per row
+TokensOrText = Tokens | str | Sequence[str]  # text: one-token strings, with a tokenizer
 TokenSets = Sequence[int] | Sequence[Sequence[int]]
 
 
@@ -54,16 +57,33 @@ def per_row_ids(tokens: Tokens, n: int, device: torch.device | str = "cpu") -> t
     return ids
 
 
-def logit(target: Tokens) -> Metric:
-    """Mean logit of ``target`` at the last real token."""
+def as_token_ids(tokens: TokensOrText, tokenizer: Any) -> Tokens:
+    """Token ids as they are, or the ids of one-token strings (``" Paris"``)."""
+    if isinstance(tokens, str):
+        return token_id(tokenizer, tokens)
+    if isinstance(tokens, Sequence) and any(isinstance(t, str) for t in tokens):
+        return [token_id(tokenizer, t) for t in tokens]
+    return tokens  # type: ignore[return-value]
+
+
+def logit(target: TokensOrText, *, tokenizer: Any = None) -> Metric:
+    """Mean logit of ``target`` at the last real token (strings need ``tokenizer``, e.g. ``lm.tokenizer``)."""
+    target = as_token_ids(target, tokenizer)
+
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         last = last_token_logits(logits, batch.attention_mask)
         return last.gather(-1, per_row_ids(target, len(last), last.device)[:, None]).mean()
     return Metric(f"logit[{describe_tokens(target)}]", fn)
 
 
-def logit_diff(correct: Tokens, incorrect: Tokens) -> Metric:
-    """Mean ``logit(correct) - logit(incorrect)`` at the last real token."""
+def logit_diff(correct: TokensOrText, incorrect: TokensOrText, *, tokenizer: Any = None) -> Metric:
+    """Mean ``logit(correct) - logit(incorrect)`` at the last real token (strings need ``tokenizer``).
+
+    Example:
+        >>> logit_diff(" Paris", " Rome", tokenizer=lm.tokenizer)  # doctest: +SKIP
+    """
+    correct, incorrect = as_token_ids(correct, tokenizer), as_token_ids(incorrect, tokenizer)
+
     def fn(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         last = last_token_logits(logits, batch.attention_mask)
         n, dev = len(last), last.device

@@ -11,6 +11,10 @@ with P(o) the probability of the target token after the last real token, average
 restoration uses the same noise as the corrupted run it is compared with) and then over prompts. Every
 restoration of every noise sample is one copy in an expanded batch (see :mod:`lsi.locate.patching`).
 
+Subjects and targets may be written as text: ``subject="France"`` is found in each prompt's tokens
+(:func:`lsi.core.spans.token_span`; an error if it is absent or occurs twice), ``target=" Paris"`` must be one
+token. Results label their cells with the restored site and the position, e.g. ``blocks.12.mlp.out@5``.
+
 Example:
     >>> import lsi
     >>> from lsi.testing import tiny_model
@@ -18,8 +22,9 @@ Example:
     >>> effects = trace_effects(lm, [[5, 6, 7, 8], [5, 9, 9, 8]], [(1, 3), (1, 2)], 4, positions="subject_last")
     >>> effects.ie.shape, effects.argmax_layer("subject_last").shape  # [prompts, layers, positions], [prompts]
     (torch.Size([2, 2, 1]), torch.Size([2]))
-    >>> causal_tracing(lm, [[5, 6, 7, 8]], [(1, 3)], 4, kind="resid", noise_samples=2).shape  # layer × position
-    (2, 4)
+    >>> result = causal_tracing(lm, [[5, 6, 7, 8]], [(1, 3)], 4, kind="resid", noise_samples=2)
+    >>> result.shape, result.labels[:2]  # site × position
+    ((2, 4), ['blocks.0.resid_post@0', 'blocks.0.resid_post@1'])
 """
 
 from __future__ import annotations
@@ -27,16 +32,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from lsi.core.inputs import Batch
 from lsi.core.interventions import Apply
 from lsi.core.positions import Index
+from lsi.core.spans import token_spans
 from lsi.errors import InputError
 from lsi.evaluation.functional import last_token_logits
-from lsi.locate.metrics import per_row_ids
+from lsi.locate.metrics import TokensOrText, as_token_ids, per_row_ids
 from lsi.locate.patching import DEFAULT_BATCH_SIZE, Write, run_patched
 from lsi.locate.result import LocateResult
 
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
 
 TraceKind = Literal["resid", "mlp", "attn"]
 KIND_SITES = {"resid": "resid_post", "mlp": "mlp.out", "attn": "attn.out"}
-SubjectSpec = torch.Tensor | Sequence[tuple[int, int]]
+SubjectSpec = str | Sequence[str] | torch.Tensor | Sequence[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,10 @@ class TraceEffects:
         return self.p_clean - self.p_corrupt
 
     def result(self) -> LocateResult:
-        """IE averaged over prompts as a ``layer × position`` result; TE and the probabilities in settings."""
-        layers = tuple(str(i) for i in range(self.ie.shape[1]))
-        return LocateResult(self.ie.nanmean(0), (("layer", layers), ("position", self.positions)),
+        """IE averaged over prompts as a ``site × position`` result (one restored site per layer, e.g.
+        ``blocks.3.mlp.out``); TE and the probabilities in settings."""
+        sites = tuple(f"blocks.{i}.{KIND_SITES[self.settings['kind']]}" for i in range(self.ie.shape[1]))
+        return LocateResult(self.ie.nanmean(0), (("site", sites), ("position", self.positions)),
                             method="causal_tracing", metric="p(target)",
                             settings={**self.settings, "te": float(self.te.mean()),
                                       "p_clean": float(self.p_clean.mean()),
@@ -85,26 +92,33 @@ class TraceEffects:
         return self.ie[:, :, self.positions.index(position)].argmax(1)
 
 
-def causal_tracing(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target: int | Sequence[int], *,
+def causal_tracing(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target: TokensOrText, *,
                    kind: TraceKind = "mlp", window: int = 1, positions: str | Sequence[int] = "each",
                    noise_samples: int = 10, noise_scale: float = 3.0, seed: int = 0,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> LocateResult:
-    """Mean indirect effect over prompts, ``layer × position`` (TE, P_clean, P_corrupt in the settings); the
-    arguments are :func:`trace_effects`'s."""
+    """Mean indirect effect over prompts, ``site × position`` (TE, P_clean, P_corrupt in the settings); the
+    arguments are :func:`trace_effects`'s.
+
+    Example:
+        >>> result = causal_tracing(lm, "The capital of France is", "France", " Paris")  # doctest: +SKIP
+        >>> result.top(1)  # doctest: +SKIP
+        [('blocks.0.mlp.out@3', 0.766...)]
+    """
     return trace_effects(lm, prompts, subject, target, kind=kind, window=window, positions=positions,
                          noise_samples=noise_samples, noise_scale=noise_scale, seed=seed,
                          batch_size=batch_size).result()
 
 
-def trace_effects(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target: int | Sequence[int], *,
+def trace_effects(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target: TokensOrText, *,
                   kind: TraceKind = "mlp", window: int = 1, positions: str | Sequence[int] = "each",
                   noise_samples: int = 10, noise_scale: float = 3.0, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> TraceEffects:
     """Causal tracing with per-prompt results.
 
     ``prompts``: anything ``lm.to_batch`` takes (the target is predicted after each prompt's last real token);
-    ``subject``: a bool mask ``[prompts, pos]`` on the padded batch, or one ``(start, stop)`` real-token span per
-    prompt; ``target``: one token id, or one per prompt. ``positions``: ``"each"`` (every real-token index),
+    ``subject``: the subject's text (one string for every prompt, or one per prompt), a bool mask ``[prompts, pos]``
+    on the padded batch, or one ``(start, stop)`` real-token span per prompt; ``target``: one token id or one-token
+    string (``" Paris"``), or one per prompt. ``positions``: ``"each"`` (every real-token index),
     ``"subject_last"`` (the last subject token of each prompt) or a list of real-token indices (negative from the
     end). Noise is drawn with ``seed``; ``noise_samples`` samples per prompt.
     """
@@ -115,8 +129,8 @@ def trace_effects(lm: LanguageModel, prompts: Any, subject: SubjectSpec, target:
             raise InputError(f"{name} >= 1", repr(value), f"e.g. {name}=1")
     batch = lm.to_batch(prompts)
     n, n_layers = len(batch.lengths), lm.dims.n_layers
-    subject_mask = _subject_mask(subject, batch)
-    targets = per_row_ids(target, n)
+    subject_mask = _subject_mask(lm, subject, batch)
+    targets = per_row_ids(as_token_ids(target, lm.tokenizer), n)
     sites = [f"blocks.{layer}.{KIND_SITES[kind]}" for layer in range(n_layers)]
     clean = lm.run_with_cache(batch, ["embed", *sites])
     assert clean.logits is not None
@@ -159,7 +173,7 @@ def noise_setting(lm: LanguageModel, noise: torch.Tensor) -> Callable[[], Abstra
     return lambda: lm.intervene(Apply("embed", add))
 
 
-def _subject_mask(subject: SubjectSpec, batch: Batch) -> torch.Tensor:
+def _subject_mask(lm: LanguageModel, subject: SubjectSpec, batch: Batch) -> torch.Tensor:
     real = batch.attention_mask.bool().cpu()
     if isinstance(subject, torch.Tensor):
         if subject.shape != real.shape:
@@ -167,7 +181,9 @@ def _subject_mask(subject: SubjectSpec, batch: Batch) -> torch.Tensor:
                              f"shape {tuple(subject.shape)}", "build it on lm.to_batch(prompts), or pass spans")
         mask = subject.bool().cpu() & real
     else:
-        spans = list(subject)
+        texts = isinstance(subject, str) or all(isinstance(text, str) for text in subject)
+        spans = (token_spans(lm.tokenizer, batch.input_ids, batch.attention_mask, cast("str | list[str]", subject))
+                 if texts else list(cast("Sequence[tuple[int, int]]", subject)))
         if len(spans) != len(real):
             raise InputError(f"one (start, stop) subject span per prompt ({len(real)})", f"{len(spans)} spans",
                              "give each prompt's subject tokens as real-token indices")

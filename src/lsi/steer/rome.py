@@ -52,6 +52,7 @@ from lsi.core.bundle import load_bundle, save_bundle
 from lsi.core.folding import Writer, residual_writers
 from lsi.core.identity import ModelIdentity
 from lsi.core.interventions import Apply
+from lsi.core.spans import token_id, token_spans
 from lsi.core.steering import check_finite
 from lsi.core.weight_edit import WeightEdit
 from lsi.errors import IndexOutOfRangeError, InputError, ModelMismatchError
@@ -152,18 +153,21 @@ class EditRequest:
 
         prompts, positions = encode(templates)
         essence, essence_positions = encode(essence_templates) if essence_templates else ([], [])
-        return cls(prompts, positions, _target_id(lm, target), essence=essence, essence_positions=essence_positions,
-                   subject=subject)
+        return cls(prompts, positions, token_id(lm.tokenizer, target), essence=essence,
+                   essence_positions=essence_positions, subject=subject)
 
+    @classmethod
+    def from_prompts(cls, lm: LanguageModel, prompts: Sequence[str], subject: str, target: str | int) -> EditRequest:
+        """A request from prompts that each contain ``subject`` once (found in their tokens, chat-templated
+        prompts included); ``target`` as in :meth:`from_text`.
 
-def _target_id(lm: LanguageModel, target: str | int) -> int:
-    if isinstance(target, int):
-        return target
-    ids = lm.encode(target)
-    if len(ids) != 1:
-        raise InputError("a target text that is one token", f"{target!r} -> {len(ids)} tokens {ids}",
-                         "pass the token id, or a one-token word (with its leading space where the tokenizer has one)")
-    return ids[0]
+        Example:
+            >>> EditRequest.from_prompts(lm, ["The capital of France is"], "France", " Rome")  # doctest: +SKIP
+        """
+        batch = lm.to_batch(list(prompts), padding_side="right")
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        spans = token_spans(lm.tokenizer, batch.input_ids, batch.attention_mask, subject)
+        return cls(rows, [stop - 1 for _, stop in spans], token_id(lm.tokenizer, target), subject=subject)
 
 
 def _bos_id(lm: LanguageModel) -> int | None:
