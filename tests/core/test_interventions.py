@@ -688,3 +688,12 @@ def test_each_identity_user_refuses_another_model(tiny_lm, tmp_path):
     with pytest.raises(ModelMismatchError, match="n_layers differs"):  # an activation store resumed on another model
         lsi.cache_to_disk(other, [[1, 2, 3]], "blocks.0.resid_post", tmp_path / "store")
     assert lsi.ActivationStore(tmp_path / "store").model == lsi.ModelIdentity.of(lm)
+
+
+def test_steerings_saved_under_names_with_dots_stay_apart(tiny_lm, tmp_path):
+    lm = tiny_lm("llama")
+    for alpha in (0.5, 0.25):
+        lsi.Add("blocks.1.resid_pre", torch.ones(32), alpha, model=lm).save(tmp_path / f"boys_alpha{alpha}")
+    loaded = [lsi.Steering.load(tmp_path / f"boys_alpha{alpha}", lm) for alpha in (0.5, 0.25)]
+    assert [leaf.alpha for leaf in loaded] == [0.5, 0.25]
+    assert len(list(tmp_path.iterdir())) == 4

@@ -72,3 +72,29 @@ def test_bad_input_is_typed(grid: LocateResult, tmp_path) -> None:
     cube = LocateResult(torch.zeros(1, 1, 1), (("a", ("0",)), ("b", ("0",)), ("c", ("0",))), method="m")
     with pytest.raises(InputError, match="one or two axes"):
         plot_locate(cube)
+
+
+def test_ranking_refuses_an_unknown_by_and_a_negative_k():
+    r = LocateResult.over(["a", "b", "c"], [0.1, -0.5, 0.3], method="demo")
+    with pytest.raises(InputError, match="by in"):
+        r.top(2, by="absolute")
+    with pytest.raises(InputError, match="by in"):
+        r.select(k=1, by="magnitude")
+    with pytest.raises(InputError, match="k, a whole number"):
+        r.top(-1)
+    assert r.top(0) == [] and [label for label, _ in r.top(3, by="abs")] == ["b", "c", "a"]
+
+
+def test_a_name_with_a_dot_keeps_its_whole_name_on_disk(tmp_path):
+    r = LocateResult.over(["a", "b"], [1.0, 2.0], method="demo")
+    r.save(tmp_path / "alpha0.5")
+    LocateResult.over(["a", "b"], [3.0, 4.0], method="demo").save(tmp_path / "alpha0.25")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha0.25.json", "alpha0.25.safetensors",
+                                                          "alpha0.5.json", "alpha0.5.safetensors"]
+    assert LocateResult.load(tmp_path / "alpha0.5.json").scores.tolist() == [1.0, 2.0]
+    assert LocateResult.load(tmp_path / "alpha0.5").scores.tolist() == [1.0, 2.0]
+
+
+def test_mask_refuses_a_negative_k():
+    with pytest.raises(InputError, match="k, a whole number"):
+        LocateResult.over(["a", "b", "c"], [0.1, -0.5, 0.3], method="demo").mask(k=-1)

@@ -48,11 +48,29 @@ def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> P
     return target
 
 
+BUNDLE_SUFFIXES = (".json", ".safetensors")
+
+
+def bundle_files(path: str | Path) -> tuple[Path, Path]:
+    """``(path.json, path.safetensors)``. Only a ``.json`` / ``.safetensors`` suffix is replaced; any other dot
+    belongs to the name (``runs/alpha0.5`` -> ``runs/alpha0.5.json``).
+
+    Example:
+        >>> [p.name for p in bundle_files("runs/alpha0.5")], [p.name for p in bundle_files("runs/lens.json")]
+        (['alpha0.5.json', 'alpha0.5.safetensors'], ['lens.json', 'lens.safetensors'])
+    """
+    given = Path(path)
+    base = given.with_suffix("") if given.suffix in BUNDLE_SUFFIXES else given
+    json_file, tensors_file = (base.with_name(base.name + suffix) for suffix in BUNDLE_SUFFIXES)
+    return json_file, tensors_file
+
+
 def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``path.safetensors`` then ``path.json`` (each atomically); returns the JSON path."""
-    base = Path(path).with_suffix("")
-    save_tensors_atomic(base.with_suffix(".safetensors"), tensors)
-    return write_json_atomic(base.with_suffix(".json"), meta)
+    """Write ``path.safetensors`` then ``path.json`` (each atomically; see :func:`bundle_files`); returns the JSON
+    path."""
+    json_file, tensors_file = bundle_files(path)
+    save_tensors_atomic(tensors_file, tensors)
+    return write_json_atomic(json_file, meta)
 
 
 def load_bundle(path: str | Path, *, what: str, fix: str, format: int) -> tuple[dict[str, torch.Tensor],
@@ -61,12 +79,12 @@ def load_bundle(path: str | Path, *, what: str, fix: str, format: int) -> tuple[
     another ``format`` version. ``what`` and ``fix`` word the errors."""
     from safetensors.torch import load_file
 
-    base = Path(path).with_suffix("")
-    missing = [str(p) for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")) if not p.exists()]
+    json_file, tensors_file = bundle_files(path)
+    missing = [str(p) for p in (json_file, tensors_file) if not p.exists()]
     if missing:
         raise InputError(f"{what} (a .json and a .safetensors file)", f"missing {missing}", fix)
-    meta = json.loads(base.with_suffix(".json").read_text())
+    meta = json.loads(json_file.read_text())
     if meta.get("format") != format:
         raise InputError(f"{what} in format {format}", f"format {meta.get('format')!r}",
                          "re-create it with this version of lsi")
-    return load_file(str(base.with_suffix(".safetensors"))), meta
+    return load_file(str(tensors_file)), meta

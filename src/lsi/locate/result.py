@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -81,8 +81,14 @@ class LocateResult:
         return dict(zip(self.labels, self.scores.flatten().tolist(), strict=True))
 
     def _key(self, by: By) -> torch.Tensor:
+        if by not in get_args(By):
+            raise InputError(f"by in {get_args(By)}", repr(by), "rank by='signed' (largest first) or by='abs'")
         flat = self.scores.flatten()
         return flat.abs() if by == "abs" else flat
+
+    def _check_k(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InputError("k, a whole number >= 0", repr(k), f"e.g. k=5; there are {self.scores.numel()} objects")
 
     def _order(self, by: By) -> torch.Tensor:
         key = self._key(by)
@@ -91,6 +97,7 @@ class LocateResult:
 
     def top(self, k: int, *, by: By = "signed") -> list[tuple[str, float]]:
         """The ``k`` highest-scoring objects with their scores."""
+        self._check_k(k)
         labels, flat = self.labels, self.scores.flatten()
         return [(labels[i], float(flat[i])) for i in self._order(by)[:k].tolist()]
 
@@ -102,6 +109,7 @@ class LocateResult:
     def mask(self, *, k: int | None = None, threshold: float | None = None, by: By = "signed") -> torch.Tensor:
         """Boolean tensor shaped like ``scores``: the top ``k`` cells, or the cells at or above ``threshold``."""
         if k is not None and threshold is None:
+            self._check_k(k)
             flat = torch.zeros(self.scores.numel(), dtype=torch.bool)
             flat[self._order(by)[:k]] = True
         elif threshold is not None and k is None:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from lsi.core.bundle import write_json_atomic
+from lsi.core.bundle import bundle_files, write_json_atomic
 from lsi.core.interventions import Add
 from lsi.core.positions import PositionSpec
 from lsi.core.steering import Steering
@@ -161,7 +161,7 @@ class Selection:
     def load(cls, path: str | Path, lm: LanguageModel) -> Selection:
         """Read a selection written by :meth:`save` (its steering checked against ``lm``)."""
         steering = Steering.load(path, lm)
-        record = json.loads(Path(path).with_suffix(".json").read_text()).get("selection")
+        record = json.loads(bundle_files(path)[0].read_text()).get("selection")
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise InputError(f"a selection written by Selection.save (format {FORMAT})",
                              "a steering without a selection record" if record is None else
