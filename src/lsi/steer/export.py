@@ -57,8 +57,8 @@ if TYPE_CHECKING:
 
 def foldings(lm: LanguageModel, steering: Steering) -> list[Folding]:
     """Each leaf's folding, in composition order, after refusing compositions whose folds would not equal the
-    hooks (see the module docstring)."""
-    steering.prepare(lm)  # model, widths and strengths
+    hooks (see the module docstring). Call it after ``steering.prepare(lm)`` has checked model, widths and
+    strengths."""
     leaves = steering.leaves()
     plans = [leaf.folding(lm) for leaf in leaves]
     removed: list[torch.Tensor] = []
@@ -100,8 +100,8 @@ def fold(lm: LanguageModel, steering: Steering) -> LanguageModel:
         >>> torch.allclose(fold(lm, add).forward([[5, 6, 7]]), hooked, atol=1e-5)
         True
     """
+    _, deltas = steering.prepare(lm)  # checks model, widths and strengths; weight fingerprints hashed once
     plans = foldings(lm, steering)
-    deltas = steering.weight_deltas(lm)
     target = copy_model(lm)
     params = dict(target.model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
