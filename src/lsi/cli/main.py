@@ -11,6 +11,7 @@ import click
 
 from lsi import __version__
 from lsi.cli.bench import bench
+from lsi.cli.improve import improve, report
 from lsi.cli.organisms import organisms
 
 
@@ -118,6 +119,8 @@ def demo(out_dir: Path, retrain: bool) -> None:
 
 cli.add_command(organisms)
 cli.add_command(bench)
+cli.add_command(improve)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -179,16 +179,21 @@ def reference(lm: LanguageModel, corpus: Inputs | Batch, scored_from: Sequence[i
     return Reference(batch, scored, logprobs, batch.input_ids[:, 1:][scored])
 
 
-def divergence(logits: torch.Tensor, ref: Reference) -> tuple[float, float]:
-    """``(KL(base ‖ steered), Δ cross-entropy)`` in nats, averaged over the scored corpus positions:
-    ``KL = mean_t Σ_v p(v) (log p(v) − log q(v))`` and ``Δ = mean_t (−log q(x_t+1)) − mean_t (−log p(x_t+1))``
-    with ``p`` the base model, ``q`` the steered one (``logits`` on ``ref.batch``)."""
+def divergences(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored corpus position ``t``: ``KL_t = Σ_v p(v) (log p(v) − log q(v))`` and the cross-entropy change
+    ``Δ_t = −log q(x_t+1) + log p(x_t+1)`` (nats, float64 ``[n]``), with ``p`` the base model and ``q`` the
+    steered one (``logits`` on ``ref.batch``)."""
     logq = next_token_logprobs(logits, dtype=torch.float64)[ref.scored]
     logp = ref.logprobs
-    kl = kl_divergence(logp, logq).mean()
     targets = ref.targets[:, None]
-    dloss = logp.gather(-1, targets).mean() - logq.gather(-1, targets).mean()
-    return float(kl), float(dloss)
+    return kl_divergence(logp, logq), (logp.gather(-1, targets) - logq.gather(-1, targets))[:, 0]
+
+
+def divergence(logits: torch.Tensor, ref: Reference) -> tuple[float, float]:
+    """``(KL(base ‖ steered), Δ cross-entropy)`` in nats: the means of :func:`divergences` over the scored corpus
+    positions."""
+    kl, dloss = divergences(logits, ref)
+    return float(kl.mean()), float(dloss.mean())
 
 
 def measured(lm: LanguageModel, steering: Applicable | None, measure: Callable[[LanguageModel], T],

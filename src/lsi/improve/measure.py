@@ -1,0 +1,96 @@
+"""Measurements every recipe shares: greedy replies, side effects per corpus position, cost, the random
+baseline's direction, and export checksums.
+
+Example:
+    >>> import torch
+    >>> v = torch.tensor([3.0, 4.0])
+    >>> float(random_like(v, seed=0).norm())  # same norm, random direction
+    5.0
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lsi.improve.rundir import sha256_file
+
+if TYPE_CHECKING:
+    from lsi.core.model import LanguageModel
+    from lsi.evaluation.steer import Reference
+    from lsi.improve.recipe import Progress
+
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A generated reply: its text (special tokens dropped) and whether it ended with the end-of-sequence token."""
+
+    text: str
+    ended: bool
+
+
+def replies(lm: LanguageModel, prompts: Sequence[str], max_new_tokens: int, *, progress: Progress | None = None,
+            batch_size: int = BATCH) -> list[Reply]:
+    """Greedy replies to text ``prompts`` through ``lm.generate`` (so an active steering acts on them)."""
+    tok = lm.tokenizer
+    eos = tok.eos_token_id
+    chunks = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    if progress is not None:
+        chunks = list(progress.iterate(chunks, total=len(chunks), desc="generating"))
+    out: list[Reply] = []
+    for chunk in chunks:
+        ids = lm.generate(chunk, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        width = lm.to_batch(chunk, padding_side="left").input_ids.shape[1]
+        for row in ids[:, width:].tolist():
+            ended = eos in row
+            body = row[: row.index(eos)] if ended else row
+            out.append(Reply(" ".join(tok.decode(body, skip_special_tokens=True).split()), ended))
+    return out
+
+
+def divergence_values(logits: torch.Tensor, ref: Reference) -> dict[str, list[float]]:
+    """Per scored corpus position: ``{"kl": [...], "dloss": [...]}`` (nats), for bootstrap intervals."""
+    from lsi.evaluation.steer import divergences
+
+    kl, dloss = divergences(logits, ref)
+    return {"kl": kl.tolist(), "dloss": dloss.tolist()}
+
+
+def forward_seconds(forward: Callable[[], Any], *, repeats: int = 5) -> float:
+    """The median wall time of ``forward()`` over ``repeats`` calls after one warm-up call."""
+    forward()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def changed_parameters(base: LanguageModel, edited: LanguageModel) -> int:
+    """How many parameter values differ between two models of the same shape."""
+    edited_params = dict(edited.model.named_parameters())
+    with torch.no_grad():
+        return sum(int((p != edited_params[name].to(p.device)).sum()) for name, p in base.model.named_parameters()
+                   if name in edited_params)
+
+
+def random_like(vector: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """A random direction (seeded Gaussian) with ``vector``'s norm, dtype and device: the equal-size baseline."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.shape, generator=gen, dtype=torch.float64)
+    return (r / r.norm() * vector.double().norm()).to(dtype=vector.dtype, device=vector.device)
+
+
+def checksums(directory: str | Path) -> dict[str, str]:
+    """``{relative file name: sha256}`` of every file under ``directory``."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
