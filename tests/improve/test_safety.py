@@ -61,7 +61,7 @@ def test_the_run_directory_holds_the_manifest_steps_result_and_a_checksummed_exp
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(r.to_json()))
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["finished"] and {s["name"] for s in manifest["steps"]} >= {"locate", "addition", "export"}
-    assert manifest["data"]["refusal_gate"] and manifest["model"] == "refusal_gate"
+    assert manifest["data"]["refusal_gate"] and manifest["model"]["spec"] == "refusal_gate"
     assert r.export.files and all(sha256_file(out / "export" / f) == h for f, h in r.export.files.items())
     heatmap = r.heatmaps[0]
     assert len(heatmap.y) == 4 and len(heatmap.x) == 3  # layers × post-instruction tokens

@@ -143,13 +143,16 @@ def run_recipe(scenario: str, model: str, out: str | Path, *, config: RecipeConf
         cfg = config
     else:
         cfg = build_config(recipe.config, dict(config or {}))
+    from lsi.core.identity import ModelIdentity
+
     progress = progress or Progress()
     progress.message(f"[{recipe.name}] loading {model}")
     lm = lm if lm is not None else load_model(model)
     dataset, hashes = recipe.load_data(model, lm, None if data is None else Path(data), cfg)
     identity = Identity(recipe.name, recipe.name, model, cfg.to_json(), hashes)
     run = RunDirectory.open(out, identity, description=recipe.summary, restart=restart,
-                            extra={"area": recipe.area, "family": lm.family, "dims": vars(lm.dims)})
+                            model_info={"family": lm.family, "identity": ModelIdentity.of(lm).to_json()},
+                            extra={"area": recipe.area})
     progress.message(f"[{recipe.name}] running into {run.path}")
     result = recipe.run(RunContext(lm, model, cfg, dataset, run, progress))
     run.write_result(result.to_json())

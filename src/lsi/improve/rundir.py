@@ -95,11 +95,12 @@ class RunDirectory:
 
     @classmethod
     def open(cls, path: str | Path, identity: Identity, *, description: str = "", restart: bool = False,
-             extra: Mapping[str, Any] | None = None) -> RunDirectory:
+             model_info: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> RunDirectory:
         """Create ``path`` for a new run, or resume the run already there (same :class:`Identity`).
 
-        ``restart=True`` deletes what an earlier run left. ``extra`` adds manifest entries (e.g. the model's
-        family and identity). Raises :class:`InputError` when ``path`` holds another run.
+        ``restart=True`` deletes what an earlier run left. The manifest's ``model`` is ``{"spec": identity.model,
+        **model_info}`` (e.g. the family and dimensions); ``extra`` adds top-level entries. Raises
+        :class:`InputError` when ``path`` holds another run.
         """
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -110,7 +111,8 @@ class RunDirectory:
         manifest_file = path / MANIFEST
         if manifest_file.exists():
             manifest = cls._read_manifest(manifest_file)
-            differ = [k for k in _SAME if manifest.get(k) != wanted[k]]
+            found = {**manifest, "model": (manifest.get("model") or {}).get("spec")}
+            differ = [k for k in _SAME if found.get(k) != wanted[k]]
             if differ:
                 raise InputError(f"the run in {path} to be the same run (to resume it)",
                                  "a different " + ", ".join(differ),
@@ -120,7 +122,9 @@ class RunDirectory:
             if path.exists() and any(path.iterdir()):
                 raise InputError("a new or empty directory, or an earlier run's directory", f"{path} with other files",
                                  "choose another --out")
-            manifest = {"schema": SCHEMA, "name": path.name, **wanted, "description": description,
+            manifest = {"schema": SCHEMA, "name": path.name, **wanted,
+                        "model": {"spec": identity.model, **(dict(model_info) if model_info else {})},
+                        "description": description,
                         **(dict(extra) if extra else {}), "versions": versions(),
                         "seed": wanted["config"].get("seed"), "started": _now(), "finished": None, "steps": []}
         run = cls(path, manifest)
