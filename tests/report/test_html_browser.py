@@ -46,6 +46,8 @@ def test_a_heatmap_names_the_token_under_the_pointer(run_dir: Path, result_json:
     out = write_report([run_dir], tmp_path / "report.html")
     heatmap = result_json["heatmaps"][0]
     with visit(out) as seen:
+        seen.wait_until_drawn()
+        assert seen.figure_count() == len(result_json["curves"]) + len(result_json["heatmaps"])
         area = seen.page.locator("#run0-heatmap-0 .nsewdrag")
         area.scroll_into_view_if_needed()
         box = area.bounding_box()

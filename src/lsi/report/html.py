@@ -41,12 +41,12 @@ body { font: 14px/1.45 system-ui, sans-serif; color: #222; margin: 0; background
 main { max-width: 1200px; margin: 0 auto; padding: 1rem 1.5rem 3rem; }
 h1 { font-size: 1.6rem; } h2 { border-bottom: 2px solid #ccc; padding-bottom: .2rem; margin-top: 2.5rem; }
 h3 { margin-top: 1.8rem; }
-nav ul { columns: 2; } .headline { font-size: 1.1rem; font-weight: 600; }
+nav > ul { columns: 2; } .headline { font-size: 1.1rem; font-weight: 600; }
 .warning { background: #fff3cd; border: 1px solid #e0c36a; padding: .4rem .7rem; }
 table { border-collapse: collapse; margin: .5rem 0; background: #fff; }
 th, td { border: 1px solid #ddd; padding: .25rem .5rem; vertical-align: top; text-align: left; }
 th.group { text-align: center; background: #eef; } td.num { text-align: right; white-space: nowrap; }
-.ci { color: #666; font-size: .85em; } .na { color: #999; }
+.ci, .legend { color: #666; font-size: .85em; } .na { color: #999; }
 .better { background: #c8ecc8; } .better.within { background: #ecf8ec; }
 .worse { background: #f6c6c6; } .worse.within { background: #fcecec; }
 .kind { font-size: .75em; color: #fff; background: #777; border-radius: 3px; padding: 0 .3em; }
@@ -110,10 +110,7 @@ def _section(anchor: str, title: str, body: str) -> str:
 def _parts(run: RunFiles, prefix: str) -> list[tuple[str, str, str]]:
     """``(anchor, title, body)`` of a run's sections (an empty body: left out)."""
     result = run.result
-    table = metric_table([(None, result)], result["metrics"]) if result["metrics"] and result["rows"] else ""
-    if table:
-        table += "".join(f"<dt>{escape(m['label'])} ({escape(m['group'])})</dt><dd>{escape(m['description'])}</dd>"
-                         for m in ordered_metrics(result["metrics"])).join(('<dl class="metrics">', "</dl>"))
+    table = _metrics_block(result) if result["metrics"] and result["rows"] else ""
     curves = "".join(_figure(curve_figure(c), f"{prefix}-curve-{i}") for i, c in enumerate(result["curves"]))
     heatmaps = "".join(_figure(heatmap_figure(h), f"{prefix}-heatmap-{i}") for i, h in enumerate(result["heatmaps"]))
     generations = generations_table(result["generations"]) if result["generations"] else ""
@@ -126,6 +123,18 @@ def _parts(run: RunFiles, prefix: str) -> list[tuple[str, str, str]]:
         (f"{prefix}-export", "Export", export),
         (f"{prefix}-manifest", "Manifest", _manifest(run.run)),
     ]
+
+
+_LEGEND = ('<p class="legend">Green: better than the unsteered row, red: worse (pale: the value\'s interval contains '
+           "the unsteered value). ↑ / ↓: higher / lower is better. ★: the chosen variant. [low, high]: the interval; "
+           "hover a value for its sample size, a variant for what it is.</p>")
+
+
+def _metrics_block(result: Mapping[str, Any]) -> str:
+    """The metric table, its legend and what each metric measures."""
+    described = "".join(f"<dt>{escape(m['label'])} ({escape(m['group'])})</dt><dd>{escape(m['description'])}</dd>"
+                        for m in ordered_metrics(result["metrics"]))
+    return f'{metric_table([(None, result)], result["metrics"])}{_LEGEND}<dl class="metrics">{described}</dl>'
 
 
 def _figure(figure: Any, div_id: str) -> str:
@@ -188,4 +197,4 @@ def _comparison(runs: Sequence[RunFiles]) -> str:
              else "<p>The runs share no metric.</p>")
     return ('<section id="comparison"><h2>Comparison</h2><table class="overview"><tr><th>run</th><th>scenario</th>'
             f"<th>model</th><th>chosen</th><th>headline</th></tr>{overview}</table>"
-            f"<h3>Metrics every run measured</h3>{table}</section>")
+            f"<h3>Metrics every run measured</h3>{table}{_LEGEND if shared else ''}</section>")

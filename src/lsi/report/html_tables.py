@@ -118,7 +118,7 @@ def _metric_cell(row: Mapping[str, Any], reference: Mapping[str, Any] | None, me
 
 def compare(entry: Mapping[str, Any], reference: Mapping[str, Any] | None, *, higher_is_better: bool) -> str:
     """``"better"`` / ``"worse"`` than the reference value (with ``" within"`` when ``entry``'s interval contains
-    it), or ``""`` when equal or not comparable.
+    it), or ``""`` when equal or not comparable (missing, NaN, infinite).
 
     Example:
         >>> ref = {"value": 0.5}
@@ -127,7 +127,8 @@ def compare(entry: Mapping[str, Any], reference: Mapping[str, Any] | None, *, hi
         >>> compare({"value": 0.7, "low": 0.4, "high": 0.8}, ref, higher_is_better=False)
         'worse within'
     """
-    if reference is None or reference["value"] is None or entry["value"] == reference["value"]:
+    if reference is None or reference["value"] is None or entry["value"] == reference["value"] \
+            or not math.isfinite(entry["value"]) or not math.isfinite(reference["value"]):
         return ""
     better = (entry["value"] > reference["value"]) == higher_is_better
     low, high = entry.get("low"), entry.get("high")
