@@ -3,8 +3,8 @@ import graph has no cycle.
 
 The stack, bottom first (a package may import only packages listed before it, and itself):
 ``_lazy`` < ``errors`` < ``arch`` < ``core`` < ``testing`` < ``evaluation`` < ``locate`` < ``steer`` < ``organisms`` <
-``bench`` < ``report`` < ``demo`` < ``cli``. Imports are read from the source (module level, inside functions and
-under ``TYPE_CHECKING`` alike), so a function-local import cannot hide a cycle.
+``bench`` < ``improve`` < ``report`` < ``demo`` < ``cli``. Imports are read from the source (module level, inside
+functions and under ``TYPE_CHECKING`` alike), so a function-local import cannot hide a cycle.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "lsi"
-STACK = ("_lazy", "errors", "arch", "core", "testing", "evaluation", "locate", "steer", "organisms", "bench", "report",
-         "demo", "cli")
+STACK = ("_lazy", "errors", "arch", "core", "testing", "evaluation", "locate", "steer", "organisms", "bench", "improve",
+         "report", "demo", "cli")
 
 
 def _package(module: str) -> str | None:
