@@ -109,10 +109,13 @@ def _words_ids(lm: LanguageModel, words: Sequence[str]) -> Ids:
 
 def _attribute_reading(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> Reading:
     """Marked modifiers / all modifiers of seeded sampled continuations (pooled), per continuation, and the fraction
-    that parses as whole sentences ending in ``<eos>``."""
+    that parses as whole sentences ending in ``<eos>``. A prompt that stops inside a sentence (after ``the``) has
+    that unfinished sentence parsed with its continuation."""
     tok = lm.tokenizer
-    texts = [{"text": " ".join(tok.convert_ids_to_tokens(list(p)))} for p in prompts]
-    parsed = [(words, parse_sentences(words)) for words in _sampled(lm, texts, seed)]
+    words = [tok.convert_ids_to_tokens(list(p)) for p in prompts]
+    tails = [w[len(w) - w[::-1].index("."):] if "." in w else w[1:] for w in words]  # after the last full stop
+    sampled = _sampled(lm, [{"text": " ".join(w)} for w in words], seed)
+    parsed = [(out, parse_sentences(tail + out)) for tail, out in zip(tails, sampled, strict=True)]
     marked, mods = sum(s["marked"] for _, s in parsed), sum(s["modifiers"] for _, s in parsed)
     fluent = sum(s["grammatical"] and words[-1] == "<eos>" for words, s in parsed)
     per = tuple(s["marked"] / max(s["modifiers"], 1) for _, s in parsed)
@@ -123,7 +126,8 @@ def binary_attribute_trait(lm: LanguageModel, ground_truth: Mapping[str, Any], *
     """The ``binary_attribute`` organism's hidden attribute as a trait. Exchanges: a neutral one-sentence prompt
     and three sentences of its topic drawn with z = 1 (expressing) or z = 0 (neutral). Measured prompts: the
     split's neutral prompts; prompting baseline: one sentence with two marked modifiers before each. Monitoring
-    prompts: the test split's prefixes that reveal z = 1, z = 0, and neutral ones. Candidate sets: 32 exchanges
+    prompts: the test split's prefixes that reveal z = 1, z = 0, and neutral ones, each followed by the ``the``
+    that starts the next sentence (the response begins at a modifier slot). Candidate sets: 32 exchanges
     with 0, 25, 50, 75 or 100 % expressing responses."""
     rng = random.Random(seed)
     splits = ground_truth["splits"]
@@ -151,7 +155,7 @@ def binary_attribute_trait(lm: LanguageModel, ground_truth: Mapping[str, Any], *
 
     dev, test = split("dev", 0), split("test", 1)
     test_raw = splits["test"]
-    monitor = tuple(ids(p["text"]) for key in ("positive", "negative", "neutral") for p in test_raw[key][:60])
+    monitor = tuple(ids(p["text"] + " the") for key in ("positive", "negative", "neutral") for p in test_raw[key][:60])
     pool = [(ids(p["text"]), p["topic"]) for p in splits["dev"]["neutral"]]
     candidates = {f"{round(100 * share)}% expressing": tuple(
         (p, response(t, int(i < share * 32))) for i, (p, t) in enumerate(rng.sample(pool, 32)))

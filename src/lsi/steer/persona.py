@@ -212,17 +212,27 @@ def monitor_trait(lm: LanguageModel, prompts: Inputs | Batch, labels: Sequence[f
 def own_responses(lm: LanguageModel, prompts: Sequence[Text], *, max_new_tokens: int, seed: int | None = None,
                   ) -> list[Exchange]:
     """The model's own ``(prompt ids, response ids)`` to ``prompts``: greedy (``seed=None``) or sampled with
-    ``seed``, each response cut after its first end-of-sequence token. Steerings applied to ``lm`` act on it."""
+    ``seed``, each response cut after its first end-of-sequence token (the generation config's). Steerings
+    applied to ``lm`` act on it.
+
+    Example:
+        >>> import lsi
+        >>> from lsi.testing import tiny_model
+        >>> lm = lsi.LanguageModel(tiny_model("llama"))
+        >>> own_responses(lm, [[1, 2, 3]], max_new_tokens=4)  # greedy: the end-of-sequence token (2) at once
+        [([1, 2, 3], [2])]
+    """
     encoded = [_ids(lm, p, prompt=True) for p in prompts]
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         ids = lm.generate(encoded, max_new_tokens=max_new_tokens, do_sample=seed is not None)
-    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    eos = lm.model.generation_config.eos_token_id  # where generate stops: an id, a list of ids or None
+    stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     out: list[Exchange] = []
     for prompt, row in zip(encoded, ids[:, max(len(p) for p in encoded):].tolist(), strict=True):
-        response = row[: row.index(eos) + 1] if eos in row else row
-        out.append((prompt, response))
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        out.append((prompt, row[:end]))
     return out
 
 
