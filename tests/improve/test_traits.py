@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
-from lsi.improve.traits import binary_attribute_trait, cheerful_trait, persona_study, word_rates
+from lsi.improve.traits import Reading, binary_attribute_trait, cheerful_trait, persona_study, word_counts
 from lsi.organisms.binary_attribute import ADJ, ADV
 from lsi.organisms.registry import ground_truth, load_organism
 
@@ -34,9 +35,20 @@ def _words(lm, ids) -> list[str]:
 
 
 @pytest.mark.unit
-def test_word_rates_count_whole_words_case_insensitively() -> None:
-    assert word_rates(["Happy! She was HAPPY, not unhappy.", "They cried."]) == (25.0, 12.5, 8)
-    assert word_rates([]) == (0.0, 0.0, 0)
+def test_word_counts_count_whole_words_case_insensitively() -> None:
+    assert word_counts("Happy! She was HAPPY, not unhappy. They cried.") == (2, 1, 8)
+    assert word_counts("") == (0, 0, 0)
+
+
+@pytest.mark.unit
+def test_reading_pools_counts_and_bootstraps_whole_continuations() -> None:
+    reading = Reading(((1.0, 4.0), (0.0, 0.0), (3.0, 4.0)), None, {})
+    assert reading.rate == 0.5 and reading.per_prompt == (0.25, 0.0, 0.75)
+    counts = np.array(reading.counts)
+    picks = np.random.default_rng(0).integers(0, 3, size=(1000, 3))
+    num, den = counts[picks, 0].sum(1), counts[picks, 1].sum(1)
+    rates = [n / d if d else 0.0 for n, d in zip(num, den, strict=True)]
+    assert reading.interval() == pytest.approx(tuple(np.percentile(rates, [2.5, 97.5])))
 
 
 @pytest.mark.integration
@@ -81,7 +93,8 @@ def test_study_results_are_json_and_consistent(study, organism) -> None:
     assert test["verdict"]["best"] == max(rates, key=rates.__getitem__)
     assert test["verdict"]["persona_beats_random"] == (rates["persona"] > rates["random"])
     assert set(r["monitor"]["per_site"]) == set(r["vectors"])
-    assert all(0.0 <= m["auroc"] <= 1.0 for m in r["monitor"]["per_site"].values())
+    assert all(0.0 <= m["auroc"] <= 1.0 and 0.0 <= m["context_auroc"] <= 1.0 for m in r["monitor"]["per_site"].values())
+    assert all(low <= test[k]["rate"] <= high for k in rates for low, high in [test[k]["interval"]])
     screening = r["screening"]
     assert screening["site"] == chosen["settings"]["site"] and len(screening["sets"]) == 5
     assert {step for step, _, _ in study["calls"]} == {"select", "monitor", "screen"}
@@ -90,12 +103,14 @@ def test_study_results_are_json_and_consistent(study, organism) -> None:
 
 @pytest.mark.integration
 def test_binary_attribute_study_figures(study) -> None:
-    """Measured (torch 2.13 CPU): marked rate 0.40 unsteered, 0.86 steered (layer 0, alpha 4, KL 0.08), 0.44 with a
-    random direction, 0.67 prompted; monitor AUROC 0.82 / 0.75; screening Pearson 0.96, Spearman 1.0."""
+    """Measured (torch 2.13 CPU): marked rate 0.40 [0.31, 0.50] unsteered, 0.86 [0.79, 0.92] steered (layer 0,
+    alpha 4, KL 0.08, fluency 0.72), 0.44 with a random direction, 0.67 prompted (fluency 1.0); monitor AUROC 0.95 /
+    0.90; screening Pearson 0.96, Spearman 1.0."""
     r = study["results"]
     rates = {k: v["rate"] for k, v in r["test"].items() if k != "verdict"}
     assert rates["persona"] > rates["unsteered"] + 0.2 and rates["persona"] > rates["random"] + 0.2
-    assert max(m["auroc"] for m in r["monitor"]["per_site"].values()) > 0.7
+    assert r["test"]["verdict"]["persona_interval_above_unsteered"]
+    assert max(m["auroc"] for m in r["monitor"]["per_site"].values()) > 0.8
     assert r["screening"]["spearman"] > 0.8
     assert r["seconds"]["total"] < 90
 
@@ -103,9 +118,10 @@ def test_binary_attribute_study_figures(study) -> None:
 @pytest.mark.acceptance
 @pytest.mark.slow
 def test_cheerful_trait_study_on_stories260k(stories_lm) -> None:
-    """Measured (torch 2.13 CPU): happy minus sad words per 100 words 2.0 unsteered, 2.8 steered (layer 2,
-    alpha 1, KL 0.07), 1.6 with a random direction, 1.4 prompted (the tiny model does not follow the request);
-    monitor AUROC at most 0.60; screening Pearson 0.93, Spearman 1.0."""
+    """Measured (torch 2.13 CPU): happy minus sad words per 100 words 1.39 [0.89, 1.93] unsteered, 2.31 [1.81, 2.81]
+    steered (layer 2, alpha 1, KL 0.07), 1.31 with a random direction, 0.91 prompted (the tiny model does not follow
+    the request); monitor AUROC at most 0.57 against sampled responses, 0.998 between happy and sad contexts (layer
+    3); screening Pearson 0.93, Spearman 1.0."""
     trait = cheerful_trait(stories_lm)
     r = persona_study(stories_lm, trait, tau=0.1)
     assert json.loads(json.dumps(r, allow_nan=False)) == r

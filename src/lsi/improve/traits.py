@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 
 from lsi.core.interventions import Add
 from lsi.errors import InputError
+from lsi.evaluation.ranking import auroc
 from lsi.evaluation.steer import measured, reference
 from lsi.locate.result import jsonable
 from lsi.organisms.binary_attribute import ADJ, ADV, TOPICS, _sampled, make_sentence, parse_sentences
@@ -46,13 +48,33 @@ Progress = Callable[[str, int, int], None]
 
 
 class Reading(NamedTuple):
-    """A trait measured on sampled continuations: the trait ``rate`` over all of them, each continuation's own
-    score, the fluent fraction (``None``: no fluency check) and other word rates behind the rate."""
+    """A trait measured on sampled continuations: per continuation the ``(numerator, denominator)`` of its trait
+    rate (e.g. marked and all modifiers), the fluent fraction (``None``: no fluency check) and other rates behind
+    the trait rate."""
 
-    rate: float
-    per_prompt: tuple[float, ...]
+    counts: tuple[tuple[float, float], ...]
     fluency: float | None
     details: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        """The trait rate over every continuation: Σ numerators / Σ denominators (0 without any denominator)."""
+        num, den = (sum(c) for c in zip(*self.counts, strict=True)) if self.counts else (0.0, 0.0)
+        return num / den if den else 0.0
+
+    @property
+    def per_prompt(self) -> tuple[float, ...]:
+        """Each continuation's own trait rate (0 where its denominator is 0)."""
+        return tuple(n / d if d else 0.0 for n, d in self.counts)
+
+    def interval(self, *, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+        """95 % bootstrap interval of :attr:`rate`, resampling continuations (seeded)."""
+        counts = np.asarray(self.counts, dtype=float).reshape(-1, 2)
+        picks = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+        num, den = counts[picks, 0].sum(1), counts[picks, 1].sum(1)
+        rates = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        low, high = np.percentile(rates, [2.5, 97.5])
+        return float(low), float(high)
 
 
 Reader = Callable[["LanguageModel", Sequence[Ids], int], Reading]  # (model, prompts, seed) -> reading
@@ -71,11 +93,22 @@ class TraitSplit:
     corpus: tuple[Ids, ...]
 
 
+@dataclass(frozen=True)
+class MonitorPrompts:
+    """Prompts whose last token's projection should predict the trait in the model's responses. ``context[i]``:
+    whether prompt ``i`` invites the trait (1), its opposite (0) or neither (``None``). Each prompt is sampled
+    ``samples`` times; its responses express the trait when their pooled rate exceeds ``expressed_above``."""
+
+    prompts: tuple[Ids, ...]
+    context: tuple[int | None, ...]
+    samples: int
+    expressed_above: float
+
+
 @dataclass(frozen=True, eq=False)
 class Trait:
     """A persona trait on one model: data (dev / test splits, monitoring prompts, candidate fine-tuning sets) and
-    its exact measure ``read``. ``expressed_above``: the per-continuation score above which a response expresses
-    the trait (the monitor's label); ``finetune``: the screening's fine-tuning settings."""
+    its exact measure ``read``; ``finetune``: the screening's fine-tuning settings."""
 
     name: str
     description: str
@@ -83,8 +116,7 @@ class Trait:
     sites: str
     dev: TraitSplit
     test: TraitSplit
-    monitor_prompts: tuple[Ids, ...]
-    expressed_above: float
+    monitor: MonitorPrompts
     candidates: Mapping[str, tuple[Exchange, ...]]
     read: Reader
     finetune: Mapping[str, float]
@@ -116,10 +148,9 @@ def _attribute_reading(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> 
     tails = [w[len(w) - w[::-1].index("."):] if "." in w else w[1:] for w in words]  # after the last full stop
     sampled = _sampled(lm, [{"text": " ".join(w)} for w in words], seed)
     parsed = [(out, parse_sentences(tail + out)) for tail, out in zip(tails, sampled, strict=True)]
-    marked, mods = sum(s["marked"] for _, s in parsed), sum(s["modifiers"] for _, s in parsed)
-    fluent = sum(s["grammatical"] and words[-1] == "<eos>" for words, s in parsed)
-    per = tuple(s["marked"] / max(s["modifiers"], 1) for _, s in parsed)
-    return Reading(marked / max(mods, 1), per, fluent / len(parsed), {"modifiers": float(mods)})
+    fluent = sum(s["grammatical"] and out[-1] == "<eos>" for out, s in parsed)
+    return Reading(tuple((float(s["marked"]), float(s["modifiers"])) for _, s in parsed), fluent / len(parsed),
+                   {"modifiers": float(sum(s["modifiers"] for _, s in parsed))})
 
 
 def binary_attribute_trait(lm: LanguageModel, ground_truth: Mapping[str, Any], *, seed: int = 0) -> Trait:
@@ -155,14 +186,16 @@ def binary_attribute_trait(lm: LanguageModel, ground_truth: Mapping[str, Any], *
 
     dev, test = split("dev", 0), split("test", 1)
     test_raw = splits["test"]
-    monitor = tuple(ids(p["text"] + " the") for key in ("positive", "negative", "neutral") for p in test_raw[key][:60])
+    kinds = (("positive", 1), ("negative", 0), ("neutral", None))
+    monitor = MonitorPrompts(tuple(ids(p["text"] + " the") for key, _ in kinds for p in test_raw[key][:60]),
+                             tuple(c for key, c in kinds for _ in test_raw[key][:60]), 4, 0.5)
     pool = [(ids(p["text"]), p["topic"]) for p in splits["dev"]["neutral"]]
     candidates = {f"{round(100 * share)}% expressing": tuple(
         (p, response(t, int(i < share * 32))) for i, (p, t) in enumerate(rng.sample(pool, 32)))
         for share in (0.0, 0.25, 0.5, 0.75, 1.0)}
     return Trait("binary_attribute: marked attribute", "the hidden attribute z = 1: a high rate of marked modifiers",
                  "marked modifiers / all modifiers in sampled continuations of neutral prompts",
-                 "blocks.*.resid_post", dev, test, monitor, 0.5, candidates, _attribute_reading,
+                 "blocks.*.resid_post", dev, test, monitor, candidates, _attribute_reading,
                  {"steps": 20, "lr": 3e-3})
 
 
@@ -196,18 +229,17 @@ _UNRELATED = {"dev": ("The sun was shining and the birds were singing in the tal
                        "The rain stopped and a rainbow came out over the big hill.",
                        "There was a tall tree in the park. Its leaves were green and the birds had a nest in it.",
                        "The cake was on the table. It was big and sweet, with a cherry on top.")}
-SAMPLES_PER_PROMPT, STORY_TOKENS = 8, 48
+SAMPLES_PER_PROMPT, STORY_TOKENS = {"dev": 8, "test": 16}, 48
 
 
-def word_rates(texts: Sequence[str]) -> tuple[float, float, int]:
-    """Happy and sad words per 100 words of ``texts`` (whole words, case-insensitive), and the word count.
+def word_counts(text: str) -> tuple[int, int, int]:
+    """Happy words, sad words and all words of ``text`` (whole words, case-insensitive).
 
-    >>> word_rates(["She smiled, then she cried."])
-    (20.0, 20.0, 5)
+    >>> word_counts("She smiled, then she cried.")
+    (1, 1, 5)
     """
-    words = [w.lower() for t in texts for w in re.findall(r"[A-Za-z']+", t)]
-    n = max(len(words), 1)
-    return 100 * sum(w in HAPPY for w in words) / n, 100 * sum(w in SAD for w in words) / n, len(words)
+    words = [w.lower() for w in re.findall(r"[A-Za-z']+", text)]
+    return sum(w in HAPPY for w in words), sum(w in SAD for w in words), len(words)
 
 
 def _cheer_reading(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> Reading:
@@ -216,17 +248,19 @@ def _cheer_reading(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> Read
         torch.manual_seed(seed)
         ids = lm.generate([list(p) for p in prompts], max_new_tokens=STORY_TOKENS, do_sample=True)
     texts = lm.tokenizer.batch_decode(ids[:, -STORY_TOKENS:], skip_special_tokens=True)
-    happy, sad, _ = word_rates(texts)
-    per = tuple(h - s for h, s, _ in map(word_rates, ([t] for t in texts)))
-    return Reading(happy - sad, per, None, {"happy_per_100_words": happy, "sad_per_100_words": sad})
+    counts = [word_counts(t) for t in texts]
+    words = max(sum(n for _, _, n in counts), 1)
+    return Reading(tuple((100.0 * (h - s), float(n)) for h, s, n in counts), None,
+                   {"happy_per_100_words": 100 * sum(h for h, _, _ in counts) / words,
+                    "sad_per_100_words": 100 * sum(s for _, s, _ in counts) / words})
 
 
 def cheerful_trait(lm: LanguageModel) -> Trait:
     """A cheerful storyteller on stories260k. Exchanges: story openings about eight children answered by happy
     (expressing) or sad (neutral) sentences, dev on the first four children, test on the others. Measured prompts:
-    eight story openings per split, ``SAMPLES_PER_PROMPT`` samples each; prompting baseline: a sentence saying the
-    story is happy before each. Monitoring prompts: openings followed by a happy, a sad or a plain sentence.
-    Candidate sets: 32 exchanges with 0, 25, 50, 75 or 100 % happy replies (the rest sad)."""
+    eight story openings per split, ``SAMPLES_PER_PROMPT`` samples each (dev 8, test 16); prompting baseline: a
+    sentence saying the story is happy before each. Monitoring prompts: openings followed by a happy, a sad or a
+    plain sentence. Candidate sets: 32 exchanges with 0, 25, 50, 75 or 100 % happy replies (the rest sad)."""
 
     def text(t: str) -> Ids:
         return tuple(lm.encode(t, add_special_tokens=True))
@@ -239,14 +273,15 @@ def cheerful_trait(lm: LanguageModel) -> Trait:
                      for k, n, p in people for o in _OPENINGS for r in replies)
 
     def split(name: str, people: Sequence[tuple[str, str, str]], seed: int) -> TraitSplit:
-        prompts = [p for p in _STORY_PROMPTS[name] for _ in range(SAMPLES_PER_PROMPT)]
+        prompts = [p for p in _STORY_PROMPTS[name] for _ in range(SAMPLES_PER_PROMPT[name])]
         return TraitSplit(exchanges(people, _HAPPY_REPLIES), exchanges(people, _SAD_REPLIES),
                           tuple(text(p) for p in prompts), tuple(text(f"{_ASK} {p}") for p in prompts), seed,
                           tuple(text(t) for t in _UNRELATED[name]))
 
     moods = ("{name} was very happy and smiled.", "{name} was very sad and cried.", "{name} went outside.")
-    monitor = tuple(text(f"{o.format(kind=k, name=n)} {m.format(name=n)}")
-                    for k, n, _ in _PEOPLE for o in _OPENINGS for m in moods)
+    monitor = MonitorPrompts(tuple(text(f"{o.format(kind=k, name=n)} {m.format(name=n)}")
+                                   for k, n, _ in _PEOPLE for o in _OPENINGS for m in moods),
+                             tuple(c for _ in _PEOPLE for _ in _OPENINGS for c in (1, 0, None)), 4, 0.0)
     happy, sad = exchanges(_PEOPLE, _HAPPY_REPLIES[:2]), exchanges(_PEOPLE, _SAD_REPLIES[:2])
     rng = random.Random(0)
     order = rng.sample(range(len(happy)), 32)
@@ -255,7 +290,7 @@ def cheerful_trait(lm: LanguageModel) -> Trait:
                   for share in (0.0, 0.25, 0.5, 0.75, 1.0)}
     return Trait("stories260k: cheerful", "a cheerful storyteller (happy rather than sad words)",
                  "happy minus sad words per 100 words of sampled story continuations",
-                 "blocks.*.resid_post", split("dev", _PEOPLE[:4], 0), split("test", _PEOPLE[4:], 1), monitor, 0.0,
+                 "blocks.*.resid_post", split("dev", _PEOPLE[:4], 0), split("test", _PEOPLE[4:], 1), monitor,
                  candidates, _cheer_reading, {"steps": 20, "lr": 3e-3})
 
 
@@ -266,8 +301,15 @@ def _random_like(vector: torch.Tensor, seed: int) -> torch.Tensor:
     return (r * vector.double().norm() / r.norm()).float()
 
 
-def _reading_json(reading: Reading, kl: float | None, dloss: float | None) -> dict[str, Any]:
-    return {"rate": reading.rate, "fluency": reading.fluency, **reading.details, "kl": kl, "dloss": dloss}
+def _reading_json(reading: Reading, kl: float | None, dloss: float | None, seed: int) -> dict[str, Any]:
+    return {"rate": reading.rate, "interval": list(reading.interval(seed=seed)), "fluency": reading.fluency,
+            **reading.details, "kl": kl, "dloss": dloss}
+
+
+def _pooled_rates(reading: Reading, samples: int) -> list[float]:
+    """The rate of each prompt's ``samples`` consecutive continuations, pooled."""
+    groups = [reading.counts[i:i + samples] for i in range(0, len(reading.counts), samples)]
+    return [Reading(tuple(g), None, {}).rate for g in groups]
 
 
 def _counted(items: Sequence[Any], progress: Progress | None, step: str) -> Iterator[Any]:
@@ -288,9 +330,11 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
       vector), chosen on dev as the highest trait rate with ``KL <= tau``; ``curve``: every measured point;
     * ``test``: the chosen steering against the unsteered model, a random direction of equal norm at the same site
       and strength, and the prompting baseline (whose KL is not measured: it changes the context, not the model),
-      with ``verdict`` saying which wins;
+      each with a 95 % bootstrap interval of its rate, and ``verdict`` saying which wins (and whether the persona
+      vector's interval lies wholly above each other's);
     * ``monitor``: per site, the last-prompt-token projection against whether the unsteered model's sampled
-      response expressed the trait (AUROC, Pearson) and against its continuous score (Spearman);
+      responses expressed the trait (AUROC, Pearson) and against their pooled rate (Pearson, Spearman); and
+      ``context_auroc``: the projection separating prompts that invite the trait from those inviting its opposite;
     * ``screening``: projection shift vs trait shift over the candidate fine-tuning sets (at the chosen site, or
       the best monitoring site when no steering fits the budget);
     * ``seconds``: time per step.
@@ -319,8 +363,8 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
     lap("select")
 
     base, kl0, dloss0 = measured(lm, None, lambda m: trait.measure(m, "test"), test_ref)
-    test: dict[str, Any] = {"unsteered": _reading_json(base, kl0, dloss0),
-                            "prompting": _reading_json(trait.measure(lm, "test", prompted=True), None, None)}
+    test: dict[str, Any] = {"unsteered": _reading_json(base, kl0, dloss0, seed),
+                            "prompting": _reading_json(trait.measure(lm, "test", prompted=True), None, None, seed)}
     best, steering = sel.best, sel.steering
     chosen_site: str | None = None
     if best is not None and steering is not None:
@@ -328,24 +372,29 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
         random_add = Add(chosen_site, _random_like(vectors[chosen_site], seed), best.settings["alpha"], model=lm)
         for name, s in (("persona", steering), ("random", random_add)):
             reading, kl, dloss = measured(lm, s, lambda m: trait.measure(m, "test"), test_ref)
-            test[name] = _reading_json(reading, kl, dloss)
+            test[name] = _reading_json(reading, kl, dloss, seed)
         rates = {k: v["rate"] for k, v in test.items()}
+        others = ("unsteered", "random", "prompting")
         test["verdict"] = {
-            "persona_beats_unsteered": rates["persona"] > rates["unsteered"],
-            "persona_beats_random": rates["persona"] > rates["random"],
-            "persona_beats_prompting": rates["persona"] > rates["prompting"],
+            **{f"persona_beats_{k}": rates["persona"] > rates[k] for k in others},
+            **{f"persona_interval_above_{k}": test["persona"]["interval"][0] > test[k]["interval"][1] for k in others},
             "best": max(rates, key=lambda k: rates[k])}
     lap("test")
 
-    labels_reading = trait.read(lm, trait.monitor_prompts, seed)
-    scores = list(labels_reading.per_prompt)
-    labels = [float(x > trait.expressed_above) for x in scores]
+    watch = trait.monitor
+    prompts = list(watch.prompts)
+    scores = _pooled_rates(trait.read(lm, [p for p in prompts for _ in range(watch.samples)], seed), watch.samples)
+    labels = [float(x > watch.expressed_above) for x in scores]
+    invited = [i for i, c in enumerate(watch.context) if c is not None]
     monitors: dict[str, Any] = {}
     for site in _counted(sites, progress, "monitor"):
-        binary = monitor_trait(lm, list(trait.monitor_prompts), labels, site, vectors[site]).to_json()
-        continuous = monitor_trait(lm, list(trait.monitor_prompts), scores, site, vectors[site]).to_json()
-        monitors[site] = {"auroc": binary["auroc"], "pearson_label": binary["pearson"],
-                          "pearson_score": continuous["pearson"], "spearman_score": continuous["spearman"]}
+        binary = monitor_trait(lm, prompts, labels, site, vectors[site])
+        continuous = monitor_trait(lm, prompts, scores, site, vectors[site])
+        x = binary.projections
+        context = auroc([x[i] for i in invited if watch.context[i]], [x[i] for i in invited if not watch.context[i]])
+        monitors[site] = {"auroc": binary.auroc, "pearson_label": binary.to_json()["pearson"],
+                          "pearson_score": continuous.to_json()["pearson"],
+                          "spearman_score": continuous.to_json()["spearman"], "context_auroc": context}
     lap("monitor")
 
     screen_site = chosen_site or max(sites, key=lambda s: monitors[s]["auroc"] or 0.0)
@@ -366,8 +415,8 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
                       "curve": curve, "skipped": list(sel.skipped),
                       "per_site": {s: [p for p in curve if p["settings"]["site"] == s] for s in sites}},
         "test": test,
-        "monitor": {"labels": {"expressed": int(sum(labels)), "of": len(labels),
-                               "expressed_above": trait.expressed_above},
+        "monitor": {"labels": {"expressed": int(sum(labels)), "of": len(labels), "samples": watch.samples,
+                               "expressed_above": watch.expressed_above},
                     "per_site": monitors},
         "screening": screening.to_json(),
         "seconds": {**seconds, "total": round(sum(seconds.values()), 2)},
