@@ -115,6 +115,16 @@ def test_binary_attribute_study_figures(study) -> None:
     assert r["seconds"]["total"] < 90
 
 
+@pytest.mark.integration
+def test_study_without_a_steering_within_the_budget_says_so(organism) -> None:
+    lm, trait = organism
+    r = persona_study(lm, trait, tau=1e-12)
+    assert r["selection"]["chosen"] is None and set(r["test"]) == {"unsteered", "prompting", "verdict"}
+    assert r["test"]["verdict"]["persona"].startswith("no steering within KL <= 1e-12")
+    best_monitor = max(r["monitor"]["per_site"], key=lambda s: r["monitor"]["per_site"][s]["auroc"])
+    assert r["screening"]["site"] == best_monitor
+
+
 @pytest.mark.acceptance
 @pytest.mark.slow
 def test_cheerful_trait_study_on_stories260k(stories_lm) -> None:

@@ -112,7 +112,7 @@ class Trait:
 
     name: str
     description: str
-    rate: str  # what Reading.rate is
+    rate_meaning: str  # what Reading.rate is
     sites: str
     dev: TraitSplit
     test: TraitSplit
@@ -330,8 +330,8 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
       vector), chosen on dev as the highest trait rate with ``KL <= tau``; ``curve``: every measured point;
     * ``test``: the chosen steering against the unsteered model, a random direction of equal norm at the same site
       and strength, and the prompting baseline (whose KL is not measured: it changes the context, not the model),
-      each with a 95 % bootstrap interval of its rate, and ``verdict`` saying which wins (and whether the persona
-      vector's interval lies wholly above each other's);
+      only the last two without a steering within the budget; each with a 95 % bootstrap interval of its rate, and
+      ``verdict`` saying which wins (and whether the persona vector's interval lies wholly above each other's);
     * ``monitor``: per site, the last-prompt-token projection against whether the unsteered model's sampled
       responses expressed the trait (AUROC, Pearson) and against their pooled rate (Pearson, Spearman); and
       ``context_auroc``: the projection separating prompts that invite the trait from those inviting its opposite;
@@ -373,12 +373,15 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
         for name, s in (("persona", steering), ("random", random_add)):
             reading, kl, dloss = measured(lm, s, lambda m: trait.measure(m, "test"), test_ref)
             test[name] = _reading_json(reading, kl, dloss, seed)
-        rates = {k: v["rate"] for k, v in test.items()}
-        others = ("unsteered", "random", "prompting")
-        test["verdict"] = {
-            **{f"persona_beats_{k}": rates["persona"] > rates[k] for k in others},
-            **{f"persona_interval_above_{k}": test["persona"]["interval"][0] > test[k]["interval"][1] for k in others},
-            "best": max(rates, key=lambda k: rates[k])}
+    rates = {k: v["rate"] for k, v in test.items()}
+    verdict: dict[str, Any] = {"best": max(rates, key=lambda k: rates[k])}
+    if "persona" in rates:
+        for k in ("unsteered", "random", "prompting"):
+            verdict[f"persona_beats_{k}"] = rates["persona"] > rates[k]
+            verdict[f"persona_interval_above_{k}"] = test["persona"]["interval"][0] > test[k]["interval"][1]
+    else:
+        verdict["persona"] = f"no steering within KL <= {tau:g} (lowest KL {sel.lowest_kl.kl:.3g})"
+    test["verdict"] = verdict
     lap("test")
 
     watch = trait.monitor
@@ -409,7 +412,8 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
 
     curve = [p.to_json() for p in sel.curve]
     return jsonable({
-        "trait": trait.name, "description": trait.description, "rate": trait.rate, "tau": tau, "seed": seed,
+        "trait": trait.name, "description": trait.description, "rate_meaning": trait.rate_meaning, "tau": tau,
+        "seed": seed,
         "vectors": {s: float(v.norm()) for s, v in vectors.items()},
         "selection": {"chosen": None if best is None else best.to_json(), "unsteered_dev_rate": unsteered_dev,
                       "curve": curve, "skipped": list(sel.skipped),
