@@ -111,6 +111,7 @@ def test_binary_attribute_study_figures(study) -> None:
     assert rates["persona"] > rates["unsteered"] + 0.2 and rates["persona"] > rates["random"] + 0.2
     assert r["test"]["verdict"]["persona_interval_above_unsteered"]
     assert max(m["auroc"] for m in r["monitor"]["per_site"].values()) > 0.8
+    assert all(v["test_auroc"] > 0.9 for v in r["vectors"].values())  # held-out responses separate at every layer
     assert r["screening"]["spearman"] > 0.8
     assert r["seconds"]["total"] < 90
 

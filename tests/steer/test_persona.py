@@ -18,6 +18,7 @@ from lsi.steer.persona import (
     projection_shift,
     projections,
     response_loss,
+    response_projections,
     screen_datasets,
 )
 
@@ -70,6 +71,15 @@ def test_projections_are_the_last_token_state_on_the_unit_vector(tiny_lm):
     rows = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
     got = projections(lm, rows, SITES[0], v)
     want = [float(lm.run_with_cache([r], sites=[SITES[0]])[SITES[0]][0, -1].double() @ _unit(v)) for r in rows]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_response_projections_are_response_means_on_the_unit_vector(tiny_lm):
+    lm = tiny_lm("llama")
+    v = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    got = response_projections(lm, EXPRESSING, SITES[1], v, batch_size=2)
+    want = [float(_response_mean(lm, p, r, SITES[1]) @ _unit(v)) for p, r in EXPRESSING]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 

@@ -36,7 +36,7 @@ from lsi.evaluation.ranking import auroc
 from lsi.evaluation.steer import measured, reference
 from lsi.locate.result import jsonable
 from lsi.organisms.binary_attribute import ADJ, ADV, TOPICS, _sampled, make_sentence, parse_sentences
-from lsi.steer.persona import monitor_trait, persona_vectors, screen_datasets
+from lsi.steer.persona import monitor_trait, persona_vectors, response_projections, screen_datasets
 from lsi.steer.selection import ADDITION_ALPHAS, grid, select
 
 if TYPE_CHECKING:
@@ -325,7 +325,8 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
                   progress: Progress | None = None) -> dict[str, Any]:
     """The whole persona-vector study of ``trait``, as plain JSON values:
 
-    * ``vectors``: the norm per site of the dev persona vectors;
+    * ``vectors``: per site, the norm of the dev persona vector and ``test_auroc``: how well its projection (mean
+      over response tokens) separates the test split's expressing exchanges from its neutral ones;
     * ``selection``: steering by addition at every site × strength (:data:`ADDITION_ALPHAS` multiples of the
       vector), chosen on dev as the highest trait rate with ``KL <= tau``; ``curve``: every measured point;
     * ``test``: the chosen steering against the unsteered model, a random direction of equal norm at the same site
@@ -352,6 +353,9 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
 
     vectors = persona_vectors(lm, trait.dev.expressing, trait.dev.neutral, trait.sites)
     sites = list(vectors)
+    held_out = {site: auroc(response_projections(lm, trait.test.expressing, site, v).tolist(),
+                            response_projections(lm, trait.test.neutral, site, v).tolist())
+                for site, v in vectors.items()}
     lap("vectors")
 
     dev_ref, test_ref = reference(lm, list(trait.dev.corpus)), reference(lm, list(trait.test.corpus))
@@ -414,7 +418,7 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
     return jsonable({
         "trait": trait.name, "description": trait.description, "rate_meaning": trait.rate_meaning, "tau": tau,
         "seed": seed,
-        "vectors": {s: float(v.norm()) for s, v in vectors.items()},
+        "vectors": {s: {"norm": float(v.norm()), "test_auroc": held_out[s]} for s, v in vectors.items()},
         "selection": {"chosen": None if best is None else best.to_json(), "unsteered_dev_rate": unsteered_dev,
                       "curve": curve, "skipped": list(sel.skipped),
                       "per_site": {s: [p for p in curve if p["settings"]["site"] == s] for s in sites}},

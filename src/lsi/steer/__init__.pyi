@@ -31,6 +31,7 @@ from lsi.steer.persona import monitor_trait as monitor_trait
 from lsi.steer.persona import persona_vectors as persona_vectors
 from lsi.steer.persona import projection_shift as projection_shift
 from lsi.steer.persona import projections as projections
+from lsi.steer.persona import response_projections as response_projections
 from lsi.steer.persona import screen_datasets as screen_datasets
 from lsi.steer.pruning import DeleteLayers as DeleteLayers
 from lsi.steer.pruning import delete_layers as delete_layers

@@ -7,6 +7,7 @@ tokens, the response without) or token ids. Everything here reads the response t
 * :func:`persona_vectors`: per site, the mean activation over the response tokens of trait-expressing exchanges
   minus the same mean over non-expressing ones (each response's mean over its tokens, averaged over responses);
 * :func:`projections`: ``activation · v̂`` per input at chosen positions (default: the last token);
+  :func:`response_projections`: the same on each exchange's mean over its response tokens;
 * :func:`monitor_trait`: how well the projection at the last prompt token predicts whether the model's response will
   express the trait (AUROC for binary labels, Pearson and Spearman correlation);
 * :func:`projection_shift`: the mean response projection of a fine-tuning set minus that of the model's own
@@ -143,9 +144,19 @@ def projections(lm: LanguageModel, inputs: Inputs | Batch, site: str | Site, vec
     return (features @ _unit(vector)).float()
 
 
-def _response_projections(lm: LanguageModel, exchanges: Sequence[Exchange], site: str | Site,
-                          vector: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per exchange: its response tokens' mean activation at ``site`` on ``v̂`` ``[n]`` (float64)."""
+def response_projections(lm: LanguageModel, exchanges: Sequence[Exchange], site: str | Site,
+                         vector: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Per exchange: the mean over its response tokens of ``site``'s value, on ``v̂`` ``[n]`` (float64, CPU).
+
+    Example:
+        >>> import lsi
+        >>> from lsi.testing import tiny_model
+        >>> lm = lsi.LanguageModel(tiny_model("llama"))
+        >>> e = lm.weights.W_E
+        >>> p = response_projections(lm, [([3], [10, 11])], "blocks.0.resid_pre", torch.eye(32)[5])
+        >>> torch.allclose(p, (e[10, 5:6] + e[11, 5:6]).double() / 2)
+        True
+    """
     s = one_site(lm, site)
     return _response_features(lm, exchanges, [s], batch_size)[s] @ _unit(vector)
 
@@ -253,8 +264,8 @@ def projection_shift(lm: LanguageModel, dataset: Sequence[Exchange], site: str |
     encoded = _encoded(lm, dataset)
     longest = max(len(r) for _, r in encoded)
     own = own_responses(lm, [p for p, _ in encoded], max_new_tokens=max_new_tokens or longest, seed=seed)
-    data = _response_projections(lm, encoded, site, vector, batch_size)
-    base = _response_projections(lm, own, site, vector, batch_size)
+    data = response_projections(lm, encoded, site, vector, batch_size=batch_size)
+    base = response_projections(lm, own, site, vector, batch_size=batch_size)
     return float(data.mean() - base.mean())
 
 
