@@ -25,6 +25,14 @@ from lsi.steer.located import located_sites as located_sites
 from lsi.steer.merging import combine as combine
 from lsi.steer.merging import task_vector as task_vector
 from lsi.steer.merging import ties_merge as ties_merge
+from lsi.steer.persona import Monitoring as Monitoring
+from lsi.steer.persona import Screening as Screening
+from lsi.steer.persona import monitor_trait as monitor_trait
+from lsi.steer.persona import persona_vectors as persona_vectors
+from lsi.steer.persona import projection_shift as projection_shift
+from lsi.steer.persona import projections as projections
+from lsi.steer.persona import response_projections as response_projections
+from lsi.steer.persona import screen_datasets as screen_datasets
 from lsi.steer.pruning import DeleteLayers as DeleteLayers
 from lsi.steer.pruning import delete_layers as delete_layers
 from lsi.steer.refusal import RefusalSelection as RefusalSelection
