@@ -96,3 +96,16 @@ def smollm2() -> Any:
     if not SMOLLM2_FILE.is_file():
         pytest.skip(f"SmolLM2 not found at {SMOLLM2_FILE} (run scripts/get-smollm2; LSI_SMOLLM2 sets its directory)")
     return lsi.load(SMOLLM2_FILE)
+
+
+@pytest.fixture
+def browser() -> None:
+    """Skip unless headless Chromium and playwright are here; with ``LSI_REQUIRE_BROWSER=1`` (CI) fail instead."""
+    from lsi.report.browser import missing
+
+    why = missing()
+    if why is None:
+        return
+    if os.environ.get("LSI_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"LSI_REQUIRE_BROWSER=1 but {why}")
+    pytest.skip(why)

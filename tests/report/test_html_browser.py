@@ -6,27 +6,16 @@ failure."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lsi.report.browser import FIGURES, missing, visit
+from lsi.report.browser import FIGURES, visit
 from lsi.report.html import write_report
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(autouse=True)
-def _browser() -> None:
-    why = missing()
-    if why is None:
-        return
-    if os.environ.get("LSI_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"LSI_REQUIRE_BROWSER=1 but {why}")
-    pytest.skip(why)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("browser")]
 
 
 def test_a_comparison_page_draws_every_figure_offline(make_run_dir: Callable[..., Path], result_json: dict[str, Any],

@@ -240,7 +240,7 @@ def run(ctx: RunContext) -> Result:
 
     def select() -> Checkpoint:
         base = _means(values(lm, data.dev))
-        points = []
+        points: list[dict[str, Any]] = []
         for kind in config.kinds:
             for k in ctx.progress.iterate(config.ks, total=len(config.ks), desc=f"{kind} ablations"):
                 with _steering(lm, kind, ranked[:k], dev_reference).apply(lm):

@@ -76,11 +76,12 @@ def forward_seconds(forward: Callable[[], Any], *, repeats: int = 5) -> float:
 
 
 def changed_parameters(base: LanguageModel, edited: LanguageModel) -> int:
-    """How many parameter values differ between two models of the same shape."""
-    edited_params = dict(edited.model.named_parameters())
+    """How many parameter values of ``edited`` differ from ``base``'s (non-zero values of parameters ``base`` lacks,
+    e.g. biases a fold adds, count as changed)."""
+    base_params = dict(base.model.named_parameters())
     with torch.no_grad():
-        return sum(int((p != edited_params[name].to(p.device)).sum()) for name, p in base.model.named_parameters()
-                   if name in edited_params)
+        return sum(int((p != base_params[name].to(p.device)).sum()) if name in base_params else int((p != 0).sum())
+                   for name, p in edited.model.named_parameters())
 
 
 def random_like(vector: torch.Tensor, *, seed: int) -> torch.Tensor:

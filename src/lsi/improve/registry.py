@@ -11,7 +11,7 @@ import importlib
 
 from lsi.improve.recipe import RECIPES, Recipe
 
-_MODULES = ("safety",)
+_MODULES = ("safety", "fairness", "persona")
 
 
 def load_recipes() -> dict[str, Recipe]:
