@@ -34,6 +34,7 @@ from lsi.core.interventions import Add
 from lsi.errors import InputError
 from lsi.evaluation.ranking import auroc
 from lsi.evaluation.steer import measured, reference
+from lsi.improve.measure import random_like
 from lsi.locate.result import jsonable
 from lsi.organisms.binary_attribute import ADJ, ADV, TOPICS, _sampled, make_sentence, parse_sentences
 from lsi.steer.persona import monitor_trait, persona_vectors, response_projections, screen_datasets
@@ -295,12 +296,6 @@ def cheerful_trait(lm: LanguageModel) -> Trait:
 
 
 # -- the study ------------------------------------------------------------------------------------------------------
-def _random_like(vector: torch.Tensor, seed: int) -> torch.Tensor:
-    """A random direction with the norm of ``vector`` (seeded)."""
-    r = torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (r * vector.double().norm() / r.norm()).float()
-
-
 def _reading_json(reading: Reading, kl: float | None, dloss: float | None, seed: int) -> dict[str, Any]:
     return {"rate": reading.rate, "interval": list(reading.interval(seed=seed)), "fluency": reading.fluency,
             **reading.details, "kl": kl, "dloss": dloss}
@@ -373,7 +368,7 @@ def persona_study(lm: LanguageModel, trait: Trait, *, tau: float = 0.1, seed: in
     chosen_site: str | None = None
     if best is not None and steering is not None:
         chosen_site = str(best.settings["site"])
-        random_add = Add(chosen_site, _random_like(vectors[chosen_site], seed), best.settings["alpha"], model=lm)
+        random_add = Add(chosen_site, random_like(vectors[chosen_site], seed=seed), best.settings["alpha"], model=lm)
         for name, s in (("persona", steering), ("random", random_add)):
             reading, kl, dloss = measured(lm, s, lambda m: trait.measure(m, "test"), test_ref)
             test[name] = _reading_json(reading, kl, dloss, seed)
