@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
 
 _MODULES = ("induction", "layer_redundancy", "toy_superposition", "fact_world",
-            "two_languages", "binary_attribute", "refusal_gate")
+            "two_languages", "binary_attribute", "refusal_gate", "biased_occupations")
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", GROUND_TRUTH_FILE)
 
 ORGANISMS: dict[str, Organism] = {
