@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,15 +63,16 @@ def divergence_values(logits: torch.Tensor, ref: Reference) -> dict[str, list[fl
     return {"kl": kl.tolist(), "dloss": dloss.tolist()}
 
 
-def forward_seconds(forward: Callable[[], Any], *, repeats: int = 5) -> float:
-    """The median wall time of ``forward()`` over ``repeats`` calls after one warm-up call."""
+def forward_seconds(forward: Callable[[], Any], *, repeats: int = 10) -> float:
+    """The shortest wall time of ``forward()`` over ``repeats`` calls after one warm-up call (the minimum is the
+    least disturbed by other work on a shared machine)."""
     forward()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         forward()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def changed_parameters(base: LanguageModel, edited: LanguageModel) -> int:
