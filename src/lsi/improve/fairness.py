@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ import torch
 from lsi.errors import InputError
 from lsi.improve.config import RecipeConfig
 from lsi.improve.data import read_jsonl
-from lsi.improve.measure import changed_parameters, checksums, divergence_values, forward_seconds
+from lsi.improve.measure import changed_parameters, checksums, divergence_values, time_ratio
 from lsi.improve.recipe import Recipe, RunContext, register_recipe
 from lsi.improve.record import Curve, Export, Generation, Heatmap, Metric, Point, Result, Row, Series
 from lsi.improve.rundir import Checkpoint, sha256_file, sha256_json
@@ -279,14 +280,15 @@ def run(ctx: RunContext) -> Result:
                 runs = []
                 for heads in draws:
                     with _steering(lm, kind, heads, dev_reference).apply(lm):
-                        runs.append(_test_values(lm, data, test_ref, timed=False))
+                        runs.append(_test_values(lm, data, test_ref))
                 return Checkpoint({key: [sum(v) / len(v) for v in zip(*(r[key] for r in runs), strict=True)]
                                    for key in runs[0] if key != "top"})
             steering = make()
-            if steering is None:
-                return Checkpoint(_test_values(lm, data, test_ref))
-            with steering.apply(lm):
-                return Checkpoint(_test_values(lm, data, test_ref))
+            with steering.apply(lm) if steering is not None else nullcontext():
+                outcome = _test_values(lm, data, test_ref)
+            outcome["time_ratio"] = time_ratio(lambda: lm.forward(test_ref.batch), lambda: lm.forward(test_ref.batch),
+                                               lambda: steering.apply(lm) if steering is not None else nullcontext())
+            return Checkpoint(outcome)
         outcomes[name] = ctx.step(f"evaluate-{name.replace(' ', '-')}", evaluate).data
     method = list(variants)[1]
     exported = ctx.step("export", lambda: _export(ctx, _steering(lm, kind, ranked[:k], dev_reference)))
@@ -294,10 +296,8 @@ def run(ctx: RunContext) -> Result:
     return _result(ctx, located, ranked, selection, variants, outcomes, method, exported.data, auroc)
 
 
-def _test_values(lm: LanguageModel, data: FairnessData, ref: Reference, *, timed: bool = True) -> dict[str, Any]:
+def _test_values(lm: LanguageModel, data: FairnessData, ref: Reference) -> dict[str, Any]:
     out: dict[str, Any] = {**values(lm, data.test), **divergence_values(lm.forward(ref.batch), ref)}
-    if timed:
-        out["forward_seconds"] = [forward_seconds(lambda: lm.forward(ref.batch))]
     pa, pb = _last_probs(lm, [p.a for p in data.test.pairs]), _last_probs(lm, [p.b for p in data.test.pairs])
     out["top"] = [[_top(lm, pa[i]), _top(lm, pb[i])] for i in range(len(data.test.pairs))]
     return out
@@ -334,7 +334,8 @@ METRICS = (
     Metric("kl", "KL (nats)", "side effect", False, "KL(base ‖ steered) per token of the test documents"),
     Metric("dloss", "Δ cross-entropy (nats)", "side effect", False, "change of the documents' cross-entropy"),
     Metric("params", "parameters changed", "cost", False, "weights edited by the export (hooks edit none)"),
-    Metric("time", "forward time ×", "cost", False, "forward time relative to the unsteered model (fastest of 10)"),
+    Metric("time", "forward time ×", "cost", False,
+           "forward time relative to the unsteered model (fastest calls, alternating)"),
 )
 
 
@@ -342,15 +343,14 @@ def _result(ctx: RunContext, located: dict[str, Any], ranked: list[str], selecti
             variants: dict[str, Any], outcomes: dict[str, dict[str, Any]], method: str, exported: dict[str, Any],
             auroc: float | None) -> Result:
     data, config = ctx.data, ctx.config
-    base_seconds = outcomes["unsteered"]["forward_seconds"][0]
 
     def estimates(name: str) -> dict[str, Estimate]:
         o = outcomes[name]
         out = {key: bootstrap(o[key], resamples=config.bootstrap, seed=config.seed)
                for key in ("bias_gap", "context_accuracy", "factual", "kl", "dloss") if o.get(key)}
         out["params"] = Estimate(float(exported["params"] if name == method else 0))
-        if "forward_seconds" in o:
-            out["time"] = Estimate(o["forward_seconds"][0] / base_seconds)
+        if "time_ratio" in o:
+            out["time"] = Estimate(o["time_ratio"])
         return out
 
     rows = tuple(Row(name, kind, estimates(name), text) for name, (kind, text, _) in variants.items())

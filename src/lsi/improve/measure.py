@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,16 +64,26 @@ def divergence_values(logits: torch.Tensor, ref: Reference) -> dict[str, list[fl
     return {"kl": kl.tolist(), "dloss": dloss.tolist()}
 
 
-def forward_seconds(forward: Callable[[], Any], *, repeats: int = 10) -> float:
-    """The shortest wall time of ``forward()`` over ``repeats`` calls after one warm-up call (the minimum is the
-    least disturbed by other work on a shared machine)."""
-    forward()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def time_ratio(base: Callable[[], Any], steered: Callable[[], Any],
+               steering: Callable[[], AbstractContextManager[Any]], *, rounds: int = 5, repeats: int = 3) -> float:
+    """The steered forward time over the unsteered one: ``rounds`` alternating blocks of ``repeats`` calls of
+    ``base()`` and, inside one ``steering()`` context, of ``steered()``; the ratio of the fastest calls (the least
+    disturbed by other work on a shared machine; alternating blocks cancel drifts such as warm-up)."""
+    def fastest(call: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    base(), steered()  # warm-up
+    base_times, steered_times = [], []
+    for _ in range(rounds):
+        base_times.append(fastest(base))
+        with steering():
+            steered_times.append(fastest(steered))
+    return min(steered_times) / min(base_times)
 
 
 def changed_parameters(base: LanguageModel, edited: LanguageModel) -> int:

@@ -37,9 +37,9 @@ from lsi.improve.measure import (
     changed_parameters,
     checksums,
     divergence_values,
-    forward_seconds,
     random_like,
     replies,
+    time_ratio,
 )
 from lsi.improve.recipe import Recipe, RunContext, register_recipe
 from lsi.improve.record import Curve, Export, Generation, Heatmap, Metric, Point, Result, Row, Series
@@ -172,8 +172,6 @@ def _outcomes(lm: LanguageModel, data: SafetyData, config: SafetyConfig, ctx: Ru
         out["fluency"] = [float(data.fluent(g)) for g in got]
     if ref is not None:
         out.update(divergence_values(lm.forward(ref.batch), ref))
-        harmful = [r.prompt for r in test if r.harmful][:64]
-        out["forward_seconds"] = forward_seconds(lambda: lm.forward(harmful))
     return out
 
 
@@ -188,7 +186,8 @@ METRICS = (
     Metric("kl", "KL (nats)", "side effect", False, "KL(base ‖ steered) per reply token of harmless requests"),
     Metric("dloss", "Δ cross-entropy (nats)", "side effect", False, "change of the reply tokens' cross-entropy"),
     Metric("params", "parameters changed", "cost", False, "weights edited (hooks edit none)"),
-    Metric("time", "forward time ×", "cost", False, "forward time relative to the unsteered model (fastest of 10)"),
+    Metric("time", "forward time ×", "cost", False,
+           "forward time relative to the unsteered model (fastest calls, alternating)"),
 )
 
 
@@ -258,7 +257,13 @@ def run(ctx: RunContext) -> Result:
     for name, (_, _, steering, model, prefix) in variants.items():
         def evaluate(steering: Any = steering, model: LanguageModel = model, prefix: str = prefix) -> Checkpoint:
             with steering.apply(model) if steering is not None else nullcontext():
-                return Checkpoint(_outcomes(model, data, config, ctx, None if prefix else ref, prefix))
+                outcome = _outcomes(model, data, config, ctx, None if prefix else ref, prefix)
+            if not prefix:  # the cost of the steering itself; prompting changes the input instead
+                harmful = [r.prompt for r in data.test if r.harmful][:64]
+                outcome["time_ratio"] = time_ratio(lambda: lm.forward(harmful), lambda: model.forward(harmful),
+                                                   lambda: steering.apply(model) if steering is not None
+                                                   else nullcontext())
+            return Checkpoint(outcome)
         outcomes[name] = ctx.step(f"evaluate-{name.replace(' ', '-')}", evaluate).data
 
     def export() -> Checkpoint:
@@ -296,21 +301,20 @@ def _equivalence(lm: LanguageModel, direction: torch.Tensor, prompts: list[str])
     return {"max_abs_logit_gap": float(gap), "gap_dtype": str(model.model.dtype).replace("torch.", "")}
 
 
-def _estimates(values: dict[str, Any], config: SafetyConfig, base_seconds: float, params: int) -> dict[str, Estimate]:
+def _estimates(values: dict[str, Any], config: SafetyConfig, params: int) -> dict[str, Estimate]:
     out = {key: bootstrap(values[key], resamples=config.bootstrap, seed=config.seed)
            for key in ("refusal", "refusal_generalization", "over_refusal", "accuracy", "fluency", "kl", "dloss")
            if values.get(key)}
     out["params"] = Estimate(float(params))
-    if "forward_seconds" in values:
-        out["time"] = Estimate(values["forward_seconds"] / base_seconds)
+    if "time_ratio" in values:
+        out["time"] = Estimate(values["time_ratio"])
     return out
 
 
 def _result(ctx: RunContext, located: dict[str, Any], addition: dict[str, Any], variants: dict[str, Any],
             outcomes: dict[str, dict[str, Any]], exported: dict[str, Any]) -> Result:
     data, config = ctx.data, ctx.config
-    base_seconds = outcomes["unsteered"]["forward_seconds"]
-    rows = tuple(Row(name, kind, _estimates(outcomes[name], config, base_seconds,
+    rows = tuple(Row(name, kind, _estimates(outcomes[name], config,
                                             exported["params"] if name == "orthogonalized weights" else 0), text)
                  for name, (kind, text, *_rest) in variants.items())
     metrics = tuple(m for m in METRICS if any(m.key in r.values for r in rows))
