@@ -78,13 +78,13 @@ class Factual:
 class FairnessSplit:
     pairs: tuple[Pair, ...]
     factual: tuple[Factual, ...]
+    corpus: tuple[str, ...]  # text for KL / Δ cross-entropy
 
 
 @dataclass(frozen=True)
 class FairnessData:
     dev: FairnessSplit
     test: FairnessSplit
-    corpus: tuple[str, ...]  # test text for KL / Δ cross-entropy
     planted: tuple[str, ...] = ()  # the known mediators, where the data has them
     factual_label: str = "factual accuracy"
     prompting_note: str = "the data gives no instruction to prompt with"
@@ -106,12 +106,11 @@ def _builtin() -> tuple[FairnessData, dict[str, str]]:
                            (male, female), org.PLACES[c["place"]]) for c in cases)
         factual = tuple(Factual(text(c[who], c, org.PRONOUN_SLOT + 1), org.PRONOUNS[org.gender(c[who])])
                         for c in cases for who in ("he", "she"))
-        return FairnessSplit(pairs, factual)
+        documents = tuple(" ".join(org.document(c[who], c["verb"], c["place"], org.PLACES[c["place"]]))
+                          for c in cases for who in ("he", "she"))
+        return FairnessSplit(pairs, factual, documents)
 
-    test = truth["splits"]["test"]
-    corpus = tuple(text(c[who], c, len(org.document(c[who], c["verb"], c["place"], ""))) for c in test
-                   for who in ("he", "she"))
-    data = FairnessData(split(truth["splits"]["dev"]), split(test), corpus, tuple(truth["mediators"]),
+    data = FairnessData(split(truth["splits"]["dev"]), split(truth["splits"]["test"]), tuple(truth["mediators"]),
                         "pronoun agreement", "the organism has no instruction channel to prompt")
     return data, {BUILTIN: sha256_json(truth["splits"])}
 
@@ -140,10 +139,9 @@ def load_data(spec: str, lm: LanguageModel, path: Path | None, config: FairnessC
         if not pairs or not factual:
             raise InputError(f"swap pairs and factual prompts in the {name} split",
                              f"{len(pairs)} pairs, {len(factual)} factual prompts", f"add both to {name}")
-        splits[name] = FairnessSplit(tuple(pairs), tuple(factual))
-    corpus = tuple(t for p in splits["test"].pairs for t in (p.a, p.b)) + tuple(f.prompt for f in
-                                                                                  splits["test"].factual)
-    return FairnessData(splits["dev"], splits["test"], corpus), {"data": sha256_file(path)}
+        corpus = tuple(t for p in pairs for t in (p.a, p.b)) + tuple(f.prompt for f in factual)
+        splits[name] = FairnessSplit(tuple(pairs), tuple(factual), corpus)
+    return FairnessData(splits["dev"], splits["test"]), {"data": sha256_file(path)}
 
 
 # -- measuring ------------------------------------------------------------------------------------------------------
@@ -237,7 +235,7 @@ def run(ctx: RunContext) -> Result:
 
     located = ctx.step("locate", locate).data
     ranked = sorted(located["scores"], key=lambda s: -located["scores"][s])
-    dev_ref = reference(lm, [lm.encode(t) for t in dev_reference])
+    dev_ref = reference(lm, [lm.encode(t) for t in data.dev.corpus])
 
     def select() -> Checkpoint:
         base = _means(values(lm, data.dev))
@@ -259,7 +257,7 @@ def run(ctx: RunContext) -> Result:
     selection = ctx.step("select", select).data
     chosen = selection["points"][selection["chosen"]]
     kind, k = chosen["kind"], chosen["k"]
-    test_ref = reference(lm, [lm.encode(t) for t in data.corpus])
+    test_ref = reference(lm, [lm.encode(t) for t in data.test.corpus])
     variants: dict[str, tuple[str, str, Callable[[], Steering | None]]] = {
         "unsteered": ("baseline", "the model as it is", lambda: None),
         f"{kind}-ablate top {k}": ("method", f"{kind} ablation of the {k} strongest mediators: {', '.join(ranked[:k])}",
@@ -331,7 +329,8 @@ METRICS = (
            "mean over test pairs and stereotyped words of |P(word | A name) − P(word | B name)|"),
     Metric("context_accuracy", "context accuracy", "capability", True, "argmax = the context's answer, both names"),
     Metric("factual", "factual accuracy", "specificity", True, "the factual use of the attribute (kept)"),
-    Metric("kl", "KL (nats)", "side effect", False, "KL(base ‖ steered) per token of the test documents"),
+    Metric("kl", "KL (nats)", "side effect", False, "KL(base ‖ steered) per token of the test documents (with "
+                                                     "the slot whose bias is removed)"),
     Metric("dloss", "Δ cross-entropy (nats)", "side effect", False, "change of the documents' cross-entropy"),
     Metric("params", "parameters changed", "cost", False, "weights edited by the export (hooks edit none)"),
     Metric("time", "forward time ×", "cost", False,
