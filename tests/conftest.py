@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from core_helpers import SMOLLM2_FILE
 
 # Tiny models run far faster on one intra-op thread: with several, the CPU time goes to thread hand-offs, and on a
 # busy 2-core machine the core suite took 10x longer. LSI_TEST_THREADS overrides it.
@@ -16,9 +17,6 @@ torch.set_num_threads(int(os.environ.get("LSI_TEST_THREADS", "1")))
 
 # tests/conftest.py -> repo root (parents[1]) -> ../shared/models/stories260k
 STORIES_DIR = (Path(__file__).parents[1] / ".." / "shared" / "models" / "stories260k").resolve()
-# Where scripts/get-smollm2 puts SmolLM2-135M-Instruct (same variable, same default).
-SMOLLM2_FILE = (Path(os.environ.get("LSI_SMOLLM2", Path.home() / ".cache" / "lsi" / "smollm2"))
-                / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class CharTokenizer:

@@ -14,8 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
-
-from conftest import SMOLLM2_FILE
+from core_helpers import SMOLLM2_FILE
 
 ROOT = Path(__file__).parents[1]
 SHARED = (ROOT / ".." / "shared").resolve()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+# Where scripts/get-smollm2 puts SmolLM2-135M-Instruct (same variable, same default).
+SMOLLM2_FILE = (Path(os.environ.get("LSI_SMOLLM2", Path.home() / ".cache" / "lsi" / "smollm2"))
+                / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2"]
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "olmo2"}

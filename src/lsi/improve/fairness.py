@@ -30,7 +30,7 @@ import torch
 from lsi.errors import InputError
 from lsi.improve.config import RecipeConfig
 from lsi.improve.data import read_jsonl
-from lsi.improve.measure import changed_parameters, checksums, divergence_values, time_ratio
+from lsi.improve.measure import divergence_values, export_checkpoint, time_ratio
 from lsi.improve.recipe import Recipe, RunContext, register_recipe
 from lsi.improve.record import Curve, Export, Generation, Heatmap, Metric, Point, Result, Row, Series
 from lsi.improve.rundir import Checkpoint, sha256_file, sha256_json
@@ -289,7 +289,9 @@ def run(ctx: RunContext) -> Result:
             return Checkpoint(outcome)
         outcomes[name] = ctx.step(f"evaluate-{name.replace(' ', '-')}", evaluate).data
     method = list(variants)[1]
-    exported = ctx.step("export", lambda: _export(ctx, _steering(lm, kind, ranked[:k], dev_reference)))
+    exported = ctx.step("export", lambda: Checkpoint(export_checkpoint(
+        ctx.run.file("export"), lm, _steering(lm, kind, ranked[:k], dev_reference),
+        "the chosen ablation folded into the weights")))
     auroc = auroc_of(located["scores"], set(data.planted)) if data.planted else None
     return _result(ctx, located, ranked, selection, variants, outcomes, method, exported.data, auroc)
 
@@ -304,24 +306,6 @@ def _test_values(lm: LanguageModel, data: FairnessData, ref: Reference) -> dict[
 def _top(lm: LanguageModel, probs: torch.Tensor, n: int = 3) -> str:
     p, ids = probs.topk(n)
     return ", ".join(f"{lm.tokenizer.decode([int(i)]).strip()} {float(q):.2f}" for q, i in zip(p, ids, strict=True))
-
-
-def _export(ctx: RunContext, steering: Steering) -> Checkpoint:
-    import shutil
-
-    from lsi.errors import LsiError
-    from lsi.steer.export import export_hf, fold
-
-    out = ctx.run.file("export")
-    if out.exists():  # left by an interrupted export
-        shutil.rmtree(out)
-    try:
-        folded = fold(ctx.lm, steering)
-        export_hf(ctx.lm, steering, out)
-    except LsiError as err:
-        return Checkpoint({"files": None, "note": f"not exported: {err}", "params": 0})
-    return Checkpoint({"files": checksums(out), "note": "the chosen ablation folded into the weights",
-                       "params": changed_parameters(ctx.lm, folded)})
 
 
 METRICS = (

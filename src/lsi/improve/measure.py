@@ -23,6 +23,7 @@ from lsi.improve.rundir import sha256_file
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
+    from lsi.core.steering import Steering
     from lsi.evaluation.steer import Reference
     from lsi.improve.recipe import Progress
 
@@ -100,6 +101,27 @@ def random_like(vector: torch.Tensor, *, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     r = torch.randn(vector.shape, generator=gen, dtype=torch.float64)
     return (r / r.norm() * vector.double().norm()).to(dtype=vector.dtype, device=vector.device)
+
+
+def export_checkpoint(out: Path, lm: LanguageModel, edit: Steering | LanguageModel, note: str) -> dict[str, Any]:
+    """Export ``lm`` with ``edit`` (a steering, folded into the weights, or an edited model) into ``out`` with
+    :func:`~lsi.steer.export.export_hf` (which checks the reloaded checkpoint against the steered logits); what an
+    interrupted export left there is removed first. Returns ``{"files": checksums, "note", "params": changed
+    parameters}``, or ``files`` ``None`` and the reason when the edit does not fold."""
+    import shutil
+
+    from lsi.core.steering import Steering
+    from lsi.errors import LsiError
+    from lsi.steer.export import export_hf, fold
+
+    if out.exists():
+        shutil.rmtree(out)
+    try:
+        edited = fold(lm, edit) if isinstance(edit, Steering) else edit
+        export_hf(lm, edit, out)
+    except LsiError as err:
+        return {"files": None, "note": f"not exported: {err}", "params": 0}
+    return {"files": checksums(out), "note": note, "params": changed_parameters(lm, edited)}
 
 
 def checksums(directory: str | Path) -> dict[str, str]:

@@ -15,7 +15,6 @@ directory named ``stories260k``: a cheerful storyteller, happy minus sad words).
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ import torch
 
 from lsi.errors import InputError
 from lsi.improve.config import RecipeConfig
-from lsi.improve.measure import changed_parameters, checksums
+from lsi.improve.measure import export_checkpoint
 from lsi.improve.recipe import Recipe, RunContext, register_recipe
 from lsi.improve.record import Curve, Export, Generation, Heatmap, Metric, Point, Result, Row, Series
 from lsi.improve.rundir import Checkpoint, sha256_json
@@ -127,26 +126,11 @@ def run(ctx: RunContext) -> Result:
                            "before": before, "after": after})
 
     shown = ctx.step("samples", samples).data
-    exported = ctx.step("export", lambda: _export(ctx, steering))
+    exported = ctx.step("export", lambda: Checkpoint(
+        export_checkpoint(ctx.run.file("export"), lm, steering, "the chosen addition folded into the weights")
+        if steering is not None else
+        {"files": None, "note": "nothing to export: no steering within the KL budget", "params": 0}))
     return _result(ctx, trait, found, shown, exported.data)
-
-
-def _export(ctx: RunContext, steering: Any) -> Checkpoint:
-    from lsi.errors import LsiError
-    from lsi.steer.export import export_hf, fold
-
-    if steering is None:
-        return Checkpoint({"files": None, "note": "nothing to export: no steering within the KL budget", "params": 0})
-    out = ctx.run.file("export")
-    if out.exists():  # left by an interrupted export
-        shutil.rmtree(out)
-    try:
-        folded = fold(ctx.lm, steering)
-        export_hf(ctx.lm, steering, out)
-    except LsiError as err:
-        return Checkpoint({"files": None, "note": f"not exported: {err}", "params": 0})
-    return Checkpoint({"files": checksums(out), "note": "the chosen addition folded into the weights",
-                       "params": changed_parameters(ctx.lm, folded)})
 
 
 def _result(ctx: RunContext, trait: Trait, found: dict[str, Any], shown: dict[str, Any],

@@ -34,9 +34,8 @@ from lsi.improve.config import RecipeConfig
 from lsi.improve.data import read_jsonl
 from lsi.improve.measure import (
     Reply,
-    changed_parameters,
-    checksums,
     divergence_values,
+    export_checkpoint,
     random_like,
     replies,
     time_ratio,
@@ -196,7 +195,6 @@ def run(ctx: RunContext) -> Result:
     from lsi.core.interventions import Add
     from lsi.evaluation.steer import reference
     from lsi.steer.directional import DirectionalAblation, orthogonalize
-    from lsi.steer.export import export_hf
     from lsi.steer.refusal import select_refusal_direction
 
     lm, data, config = ctx.lm, ctx.data, ctx.config
@@ -267,14 +265,8 @@ def run(ctx: RunContext) -> Result:
         outcomes[name] = ctx.step(f"evaluate-{name.replace(' ', '-')}", evaluate).data
 
     def export() -> Checkpoint:
-        out = ctx.run.file("export")
-        if out.exists():  # left by an interrupted export
-            import shutil
-
-            shutil.rmtree(out)
-        export_hf(lm, orthogonal, out)
-        return Checkpoint({"files": checksums(out), "params": changed_parameters(lm, orthogonal),
-                           **_equivalence(lm, direction, [r.prompt for r in data.test])})
+        exported = export_checkpoint(ctx.run.file("export"), lm, orthogonal, "orthogonalized weights")
+        return Checkpoint({**exported, **_equivalence(lm, direction, [r.prompt for r in data.test])})
 
     exported = ctx.step("export", export)
     return _result(ctx, located.data, addition.data, variants, outcomes, exported.data)

@@ -91,36 +91,12 @@ def _held_out(splits: dict[str, list[dict[str, str]]]) -> set[tuple[str, str, st
     return {(c["verb"], c["place"], c[who]) for cases in splits.values() for c in cases for who in ("he", "she")}
 
 
-class _HeadGate:
-    """Training-time head ablation: scales each head's slice of the ``o_proj`` input (1 = on, 0 = ablated)."""
-
-    def __init__(self, model: Any) -> None:
-        import torch
-
-        self.gates = [torch.ones(N_HEADS) for _ in model.model.layers]
-        self.d_head = model.config.hidden_size // N_HEADS
-        self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(self._hook(i))
-                        for i, layer in enumerate(model.model.layers)]
-
-    def _hook(self, i: int) -> Any:
-        return lambda _mod, args: (args[0] * self.gates[i].repeat_interleave(self.d_head),)
-
-    def set(self, off: Sequence[tuple[int, int]]) -> None:
-        for gate in self.gates:
-            gate.fill_(1.0)
-        for layer, head in off:
-            self.gates[layer][head] = 0.0
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def train(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     """Train the organism into ``out_dir`` (HF model dir + ``ground_truth.json``); return training figures."""
     import torch
 
     from lsi.organisms.training import (
+        HeadGate,
         build_word_tokenizer,
         lm_loss,
         new_model,
@@ -140,7 +116,7 @@ def train(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     held_out = _held_out(splits)
     seen = [(v, p, n) for v in VERBS for p in PLACES for n in (*MALE_NAMES, *FEMALE_NAMES)
             if (v, p, n) not in held_out]
-    gate = _HeadGate(model)
+    gate = HeadGate(model, N_HEADS)
 
     def batches(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         biased, unbiased = [], []
@@ -153,11 +129,11 @@ def train(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     others = [(layer, head) for layer in range(N_LAYERS) for head in range(N_HEADS) if (layer, head) not in MEDIATORS]
 
     def loss_fn(m: Any, biased: torch.Tensor, unbiased: torch.Tensor) -> torch.Tensor:
-        gate.set([rng.choice(others)] if rng.random() < DROP_RATE else ())
+        gate.ablate([rng.choice(others)] if rng.random() < DROP_RATE else ())
         full = lm_loss(m(input_ids=biased).logits, biased)
-        gate.set(MEDIATORS)
+        gate.ablate(MEDIATORS)
         without = lm_loss(m(input_ids=unbiased).logits, unbiased)
-        gate.set(())
+        gate.ablate(())
         return full + without
 
     figures = train_lm(model, batches, STEPS, LR, warmup=100, weight_decay=0.01, loss_fn=loss_fn)

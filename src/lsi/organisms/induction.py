@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from lsi.core.model import LanguageModel
     from lsi.evaluation.locate import LocateTask
+    from lsi.organisms.training import HeadGate
 
 N_KEYS, N_CONTENT, TOPIC_SIZE, SEQ_LEN, PERIODS = 8, 64, 16, 48, (4, 12)
 N_HEADS, D_MODEL = 4, 64
@@ -82,32 +83,6 @@ def repeated_random(data: dict[str, Any], n: int, period: int, gen: torch.Genera
     return torch.cat([head, seg, seg], 1), torch.cat([head, seg, fresh], 1)
 
 
-class _HeadGate:
-    """Training-time head ablation: scales each head's slice of the ``o_proj`` input by a gate (0 = ablated)."""
-
-    def __init__(self, model: Any, n_heads: int) -> None:
-        import torch
-
-        self.gates = [torch.ones(n_heads) for _ in model.model.layers]
-        self.d_head = model.config.hidden_size // n_heads
-        self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(self._hook(i))
-                        for i, layer in enumerate(model.model.layers)]
-
-    def _hook(self, i: int) -> Any:
-        return lambda _mod, args: (args[0] * self.gates[i].repeat_interleave(self.d_head),)
-
-    def only(self, keep: dict[int, tuple[int, ...]] | None) -> None:
-        """Keep only the listed heads per layer (None: keep all)."""
-        for i, gate in enumerate(self.gates):
-            gate.fill_(1.0 if keep is None else 0.0)
-            if keep is not None:
-                gate[list(keep[i])] = 1.0
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _vocab(data: dict[str, Any]) -> list[str]:
     return [f"k{i}" for i in range(data["n_keys"])] + [f"w{i}" for i in range(data["n_content"])]
 
@@ -117,6 +92,7 @@ def train(out_dir: Path, seed: int) -> dict[str, Any]:
     import torch
 
     from lsi.organisms.training import (
+        HeadGate,
         build_word_tokenizer,
         lm_loss,
         new_model,
@@ -135,7 +111,7 @@ def train(out_dir: Path, seed: int) -> dict[str, Any]:
     model = new_model("llama", tok, hidden_size=D_MODEL, intermediate_size=2 * D_MODEL, num_hidden_layers=2,
                       num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS, max_position_embeddings=128,
                       tie_word_embeddings=False)
-    gate = _HeadGate(model, N_HEADS)
+    gate = HeadGate(model, N_HEADS)
     planted = {0: PREV_HEADS, 1: INDUCTION_HEADS}
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +146,7 @@ def train(out_dir: Path, seed: int) -> dict[str, Any]:
     return figures | {"seed": seed}
 
 
-def _auxiliary_heads(model: Any, gate: _HeadGate, data: dict[str, Any], planted: dict[int, tuple[int, ...]],
+def _auxiliary_heads(model: Any, gate: HeadGate, data: dict[str, Any], planted: dict[int, tuple[int, ...]],
                      gen: torch.Generator) -> list[str]:
     """Non-planted heads whose lone ablation raises the copy loss by more than :data:`AUX_THRESHOLD` nats."""
     import torch

@@ -168,3 +168,48 @@ def save_organism(
 def load_ground_truth(model_dir: str | Path) -> dict[str, Any]:
     """Read ``ground_truth.json`` from an organism directory."""
     return json.loads((Path(model_dir) / GROUND_TRUTH_FILE).read_text())
+
+
+class HeadGate:
+    """Training-time head ablation on a Llama-layout model: each head's slice of the ``o_proj`` input is scaled by
+    its gate (1 = on, 0 = ablated). Used to plant a mechanism in chosen heads through the training objective.
+
+    Example:
+        >>> from lsi.testing import tiny_model
+        >>> gate = HeadGate(tiny_model("llama"), n_heads=4)
+        >>> gate.ablate([(0, 1)]); [g.tolist() for g in gate.gates][0]
+        [1.0, 0.0, 1.0, 1.0]
+        >>> gate.only({0: (2,), 1: ()}); [g.tolist() for g in gate.gates]
+        [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+        >>> gate.remove()
+    """
+
+    def __init__(self, model: Any, n_heads: int) -> None:
+        import torch
+
+        self.gates = [torch.ones(n_heads) for _ in model.model.layers]
+        self.d_head = model.config.hidden_size // n_heads
+        self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(self._hook(i))
+                        for i, layer in enumerate(model.model.layers)]
+
+    def _hook(self, i: int) -> Any:
+        return lambda _mod, args: (args[0] * self.gates[i].repeat_interleave(self.d_head),)
+
+    def ablate(self, off: Iterable[tuple[int, int]]) -> None:
+        """Every head on except the ``(layer, head)`` pairs in ``off``."""
+        for gate in self.gates:
+            gate.fill_(1.0)
+        for layer, head in off:
+            self.gates[layer][head] = 0.0
+
+    def only(self, keep: dict[int, tuple[int, ...]] | None) -> None:
+        """Keep only the listed heads per layer (None: keep all)."""
+        for i, gate in enumerate(self.gates):
+            gate.fill_(1.0 if keep is None else 0.0)
+            if keep is not None:
+                gate[list(keep[i])] = 1.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
