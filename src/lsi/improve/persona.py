@@ -9,7 +9,8 @@ fine-tuning set predict how far fine-tuning on it moves the trait (correlation o
 steering is folded into the weights and exported.
 
 Data: built in for the ``binary_attribute`` organism (the hidden attribute as the trait) and for stories260k (a
-directory named ``stories260k``: a cheerful storyteller, happy minus sad words).
+directory named ``stories260k``: a cheerful storyteller, happy minus sad words); otherwise a JSONL file
+(:data:`lsi.improve.traits.JSONL_SCHEMA`) with the trait's words in the config.
 """
 
 from __future__ import annotations
@@ -26,22 +27,36 @@ from lsi.improve.config import RecipeConfig
 from lsi.improve.measure import export_checkpoint
 from lsi.improve.recipe import Recipe, RunContext, register_recipe
 from lsi.improve.record import Curve, Export, Generation, Heatmap, Metric, Point, Result, Row, Series
-from lsi.improve.rundir import Checkpoint, sha256_json
+from lsi.improve.rundir import Checkpoint, sha256_file, sha256_json
 from lsi.improve.stats import Estimate
+from lsi.improve.traits import JSONL_SCHEMA
 
 if TYPE_CHECKING:
     from lsi.core.model import LanguageModel
     from lsi.improve.traits import Trait
 
 BUILTIN = ("binary_attribute", "stories260k")
+DETAILS = {  # word rates some traits report next to their rate: (label, higher is better)
+    "happy_per_100_words": ("happy words / 100", True), "sad_per_100_words": ("sad words / 100", False),
+    "trait_words_per_100_words": ("trait words / 100", True),
+    "opposite_words_per_100_words": ("opposite words / 100", False)}
 
 
 @dataclass(frozen=True)
 class PersonaConfig(RecipeConfig):
-    """``generations``: sampled continuations shown before / after; ``max_new_tokens``: their length."""
+    """``generations``: sampled continuations shown before / after; ``max_new_tokens``: their length. For user
+    data (``--data``): ``trait_words`` / ``opposite_words`` define the trait rate (trait minus opposite words per
+    100 words), ``prompt_prefix`` the prompting baseline, ``samples`` continuations of ``sample_tokens`` tokens per
+    measured prompt, ``sites`` where persona vectors are read."""
 
     generations: int = 4
     max_new_tokens: int = 24
+    trait_words: tuple[str, ...] = ()
+    opposite_words: tuple[str, ...] = ()
+    prompt_prefix: str | None = None
+    samples: int = 8
+    sample_tokens: int = 48
+    sites: str = "blocks.*.resid_post"
 
 
 def _trait_hash(trait: Trait) -> str:
@@ -53,20 +68,22 @@ def _trait_hash(trait: Trait) -> str:
 
 def load_data(spec: str, lm: LanguageModel, path: Path | None, config: PersonaConfig) -> tuple[Trait,
                                                                                                  dict[str, str]]:
-    """The built-in trait of ``binary_attribute`` or of a stories260k directory."""
-    from lsi.improve.traits import binary_attribute_trait, cheerful_trait
+    """The built-in trait of ``binary_attribute`` or of a stories260k directory, else the JSONL file ``path``."""
+    from lsi.improve.traits import binary_attribute_trait, cheerful_trait, jsonl_trait
     from lsi.organisms.registry import ground_truth
 
     if path is not None:
-        raise InputError("built-in persona data (no --data)", f"--data {path}",
-                         f"run the persona scenario on {' or '.join(BUILTIN)} without --data")
+        trait = jsonl_trait(lm, path, words=config.trait_words, opposite=config.opposite_words,
+                            prompt_prefix=config.prompt_prefix, samples=config.samples, tokens=config.sample_tokens,
+                            sites=config.sites)
+        return trait, {"data": sha256_file(path)}
     if spec == "binary_attribute":
         trait = binary_attribute_trait(lm, ground_truth(spec))
     elif Path(spec).name == "stories260k":
         trait = cheerful_trait(lm)
     else:
         raise InputError(f"a model with built-in persona data: {' or '.join(BUILTIN)} (a directory of that name)",
-                         repr(spec), "--model binary_attribute, or --model ../shared/models/stories260k")
+                         f"{spec!r} with no --data", "pass --data FILE.jsonl (schema: lsi improve --list)")
     return trait, {trait.name: _trait_hash(trait)}
 
 
@@ -151,13 +168,15 @@ def _result(ctx: RunContext, trait: Trait, found: dict[str, Any], shown: dict[st
             continue
         t = test[key]
         values = {"rate": Estimate(t["rate"], t["interval"][0], t["interval"][1])}
-        for metric in ("fluency", "kl", "dloss"):
+        for metric in ("fluency", "kl", "dloss", *DETAILS):
             if t.get(metric) is not None:
                 values[metric] = Estimate(t[metric])
         if key == "persona":
             values["params"] = Estimate(float(exported["params"]))
         rows.append(Row(variant, kind, values, text))
     candidates = (
+        *(Metric(key, label, "target", higher, "per 100 words of the test continuations")
+          for key, (label, higher) in DETAILS.items()),
         Metric("rate", "trait rate", "target", True, trait.rate_meaning + " (test prompts; interval: bootstrap over "
                                                                           "continuations)"),
         Metric("fluency", "fluency", "side effect", True, "grammatical continuations, where the data can check it"),
@@ -245,4 +264,4 @@ RECIPE = register_recipe(Recipe(
     summary="persona vectors per layer: steer the trait under a KL budget (vs a random direction and prompting), "
             "monitor it from the prompt, screen fine-tuning data by projection shift",
     config=PersonaConfig, load_data=load_data, run=run, default_model="binary_attribute", builtin_models=BUILTIN,
-    data_schema="built-in traits only (binary_attribute; a stories260k directory)"))
+    data_schema=JSONL_SCHEMA + " with trait_words / opposite_words in --config"))

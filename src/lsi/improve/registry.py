@@ -1,8 +1,8 @@
 """The one list of recipe modules; importing one registers its recipe.
 
 Example:
-    >>> sorted(load_recipes())[:1]
-    ['safety']
+    >>> sorted(load_recipes())
+    ['fairness', 'persona', 'safety']
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -233,27 +234,32 @@ _UNRELATED = {"dev": ("The sun was shining and the birds were singing in the tal
 SAMPLES_PER_PROMPT, STORY_TOKENS = {"dev": 8, "test": 16}, 48
 
 
-def word_counts(text: str) -> tuple[int, int, int]:
-    """Happy words, sad words and all words of ``text`` (whole words, case-insensitive).
+def word_counts(text: str, words: frozenset[str] = HAPPY, opposite: frozenset[str] = SAD) -> tuple[int, int, int]:
+    """Trait words (default: happy), opposite words (default: sad) and all words of ``text`` (whole words,
+    case-insensitive).
 
     >>> word_counts("She smiled, then she cried.")
     (1, 1, 5)
     """
-    words = [w.lower() for w in re.findall(r"[A-Za-z']+", text)]
-    return sum(w in HAPPY for w in words), sum(w in SAD for w in words), len(words)
+    found = [w.lower() for w in re.findall(r"[A-Za-z']+", text)]
+    return sum(w in words for w in found), sum(w in opposite for w in found), len(found)
 
 
-def _cheer_reading(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> Reading:
-    """Happy minus sad words per 100 words of seeded sampled continuations (``STORY_TOKENS`` each)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ids = lm.generate([list(p) for p in prompts], max_new_tokens=STORY_TOKENS, do_sample=True)
-    texts = lm.tokenizer.batch_decode(ids[:, -STORY_TOKENS:], skip_special_tokens=True)
-    counts = [word_counts(t) for t in texts]
-    words = max(sum(n for _, _, n in counts), 1)
-    return Reading(tuple((100.0 * (h - s), float(n)) for h, s, n in counts), None,
-                   {"happy_per_100_words": 100 * sum(h for h, _, _ in counts) / words,
-                    "sad_per_100_words": 100 * sum(s for _, s, _ in counts) / words})
+def word_reader(words: frozenset[str], opposite: frozenset[str], *, tokens: int, names: tuple[str, str]) -> Reader:
+    """A reader counting trait minus opposite words per 100 words of seeded sampled continuations (``tokens``
+    each); ``names``: the detail keys of the two per-100-word rates."""
+    def read(lm: LanguageModel, prompts: Sequence[Ids], seed: int) -> Reading:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ids = lm.generate([list(p) for p in prompts], max_new_tokens=tokens, do_sample=True)
+        texts = lm.tokenizer.batch_decode(ids[:, -tokens:], skip_special_tokens=True)
+        counts = [word_counts(t, words, opposite) for t in texts]
+        total = max(sum(n for _, _, n in counts), 1)
+        return Reading(tuple((100.0 * (h - s), float(n)) for h, s, n in counts), None,
+                       {names[0]: 100 * sum(h for h, _, _ in counts) / total,
+                        names[1]: 100 * sum(s for _, s, _ in counts) / total})
+
+    return read
 
 
 def cheerful_trait(lm: LanguageModel) -> Trait:
@@ -292,7 +298,78 @@ def cheerful_trait(lm: LanguageModel) -> Trait:
     return Trait("stories260k: cheerful", "a cheerful storyteller (happy rather than sad words)",
                  "happy minus sad words per 100 words of sampled story continuations",
                  "blocks.*.resid_post", split("dev", _PEOPLE[:4], 0), split("test", _PEOPLE[4:], 1), monitor,
-                 candidates, _cheer_reading, {"steps": 20, "lr": 3e-3})
+                 candidates, word_reader(HAPPY, SAD, tokens=STORY_TOKENS,
+                                         names=("happy_per_100_words", "sad_per_100_words")),
+                 {"steps": 20, "lr": 3e-3})
+
+
+# -- a trait from the user's JSON Lines -----------------------------------------------------------------------------
+JSONL_FIELDS = {"split": (str, True), "prompt": (str, False), "response": (str, False), "expressing": (bool, False),
+                "invites": (bool, False), "set": (str, False), "text": (str, False)}
+JSONL_SCHEMA = ('lines {"split", "prompt", "response", "expressing": bool} (contrast), {"split", "prompt"} (measured), '
+                '{"split": "test", "prompt", "invites": bool} (monitoring), {"split": "dev", "prompt", "response", '
+                '"set"} (screening sets), {"split", "text"} (unrelated text for KL)')
+
+
+def jsonl_trait(lm: LanguageModel, path: Path, *, words: Sequence[str], opposite: Sequence[str],
+                prompt_prefix: str | None, samples: int = 8, tokens: int = 48, sites: str = "blocks.*.resid_post",
+                finetune: Mapping[str, float] | None = None) -> Trait:
+    """A word-rate trait from a JSONL file (:data:`JSONL_SCHEMA`): the trait rate is ``words`` minus ``opposite``
+    per 100 words of sampled continuations (``samples`` per measured prompt, ``tokens`` each); the prompting
+    baseline puts ``prompt_prefix`` before each measured prompt (``None``: the prompts as they are)."""
+    from lsi.improve.data import read_jsonl
+
+    rows = read_jsonl(path, JSONL_FIELDS, schema_hint=JSONL_SCHEMA)
+    if not words:
+        raise InputError("trait_words in the config (the words that express the trait)", "none",
+                         "set trait_words (and opposite_words) in --config")
+
+    def text(t: str) -> Ids:
+        return tuple(lm.encode(t, add_special_tokens=True))
+
+    def kind(row: Mapping[str, Any]) -> str:
+        keys = set(row) - {"split"}
+        kinds = {"contrast": {"prompt", "response", "expressing"}, "measured": {"prompt"},
+                 "monitor": {"prompt", "invites"}, "set": {"prompt", "response", "set"}, "text": {"text"}}
+        for name, wanted in kinds.items():
+            if keys == wanted:
+                return name
+        raise InputError(JSONL_SCHEMA, f"a line with keys {sorted(row)} in {path}", "give one kind per line")
+
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        grouped.setdefault((kind(row), row["split"]), []).append(row)
+
+    def need(key: tuple[str, str]) -> list[Mapping[str, Any]]:
+        if not grouped.get(key):
+            raise InputError(f"{key[0]} lines in the {key[1]} split ({JSONL_SCHEMA})", "none", f"add some to {path}")
+        return grouped[key]
+
+    def split(name: str, seed: int) -> TraitSplit:
+        contrast = need(("contrast", name))
+        pairs = [(r["expressing"], (text(r["prompt"]), tuple(lm.encode(r["response"])))) for r in contrast]
+        measured = [r["prompt"] for r in need(("measured", name)) for _ in range(samples)]
+        prefix = f"{prompt_prefix} " if prompt_prefix else ""
+        return TraitSplit(tuple(p for e, p in pairs if e), tuple(p for e, p in pairs if not e),
+                          tuple(text(p) for p in measured), tuple(text(prefix + p) for p in measured), seed,
+                          tuple(text(r["text"]) for r in need(("text", name))))
+
+    sets: dict[str, list[Exchange]] = {}
+    for r in need(("set", "dev")):
+        sets.setdefault(r["set"], []).append((text(r["prompt"]), tuple(lm.encode(r["response"]))))
+    if len(sets) < 3:
+        raise InputError("at least 3 candidate fine-tuning sets (lines with \"set\")", f"{len(sets)}",
+                         "add sets that mix expressing and neutral responses at different ratios")
+    watch = need(("monitor", "test"))
+    monitor = MonitorPrompts(tuple(text(r["prompt"]) for r in watch), tuple(int(r["invites"]) for r in watch),
+                             max(1, samples // 2), 0.0)
+    name = Path(path).stem
+    return Trait(name, f"the trait of {Path(path).name} ({', '.join(list(words)[:3])}, ...)",
+                 "trait minus opposite words per 100 words of sampled continuations", sites, split("dev", 0),
+                 split("test", 1), monitor, {k: tuple(v) for k, v in sets.items()},
+                 word_reader(frozenset(w.lower() for w in words), frozenset(w.lower() for w in opposite),
+                             tokens=tokens, names=("trait_words_per_100_words", "opposite_words_per_100_words")),
+                 dict(finetune or {"steps": 20, "lr": 3e-3}))
 
 
 # -- the study ------------------------------------------------------------------------------------------------------
