@@ -328,7 +328,8 @@ def _result(ctx: RunContext, located: dict[str, Any], addition: dict[str, Any], 
     positions = list(dict.fromkeys(c["position"] for c in candidates))
     cell = {(c["layer"], c["position"]): c for c in candidates}
     heatmap = Heatmap("refusal score after ablating each candidate (dev; lower removes more refusal)",
-                      "post-instruction position", "layer (input)", tuple(positions), tuple(map(str, layers)),
+                      "post-instruction token", "layer (input)", _token_labels(ctx.lm, data.dev[0].prompt, positions),
+                      tuple(map(str, layers)),
                       tuple(tuple(cell[(la, p)]["bypass"] for p in positions) for la in layers),
                       tuple(tuple(_hover(cell[(la, p)]) for p in positions) for la in layers))
     kept = [c for c in candidates if c["bypass"] is not None]
@@ -355,6 +356,18 @@ def _result(ctx: RunContext, located: dict[str, Any], addition: dict[str, Any], 
                                                  f"({exported['gap_dtype']})")
     return Result(headline, metrics, rows, "orthogonalized weights", curves, (heatmap,), generations, export,
                   tuple(notes))
+
+
+def _token_labels(lm: LanguageModel, prompt: str, positions: list[str]) -> tuple[str, ...]:
+    """``"TOKEN (-k)"`` for each post-instruction position ``-k`` of ``prompt`` (every prompt ends in the same
+    template tokens); the position alone where it is not a negative index."""
+    ids = lm.encode(prompt)
+    tokens = lm.tokenizer.convert_ids_to_tokens(ids)
+    labels = []
+    for p in positions:
+        index = int(p) if p.lstrip("-").isdigit() else None
+        labels.append(f"{tokens[index]} ({p})" if index is not None and -len(tokens) <= index < 0 else p)
+    return tuple(labels)
 
 
 def _hover(candidate: dict[str, Any]) -> str:
