@@ -140,14 +140,14 @@ def _refused(reply: Reply, prefixes: tuple[str, ...]) -> bool:
     return any(reply.text.startswith(p) for p in prefixes)
 
 
-def _corpus(lm: LanguageModel, data: SafetyData, references: list[Reply]) -> tuple[list[list[int]], list[int]]:
-    """Harmless test requests with their correct reply (or the unsteered reply where none is given); the reply
-    tokens are scored."""
-    harmless = [r for r in data.test if not r.harmful]
+def _corpus(lm: LanguageModel, requests: tuple[Request, ...], own: list[Reply]) -> tuple[list[list[int]], list[int]]:
+    """The harmless ``requests`` with their correct reply (or the unsteered reply ``own`` where none is given), and
+    the index of each row's first reply token (the tokens scored)."""
+    harmless = [r for r in requests if not r.harmful]
     rows, starts = [], []
-    for request, own in zip(harmless, references, strict=True):
+    for request, reply_text in zip(harmless, (o.text for o in own), strict=True):
         prompt = lm.encode(request.prompt)
-        reply = lm.encode(request.answer if request.answer is not None else own.text)
+        reply = lm.encode(request.answer if request.answer is not None else reply_text)
         rows.append(prompt + reply + ([lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []))
         starts.append(len(prompt))
     return rows, starts
@@ -215,8 +215,7 @@ def run(ctx: RunContext) -> Result:
     direction, site = located.tensors["direction"], f"blocks.{located.data['layer']}.resid_pre"
 
     def dose_response() -> Checkpoint:
-        dev_ref = reference(lm, *_corpus(lm, SafetyData(data.dev, data.dev, data.refusal_prefixes, 0),
-                                         replies(lm, dev_harmless, config.max_new_tokens)))
+        dev_ref = reference(lm, *_corpus(lm, data.dev, replies(lm, dev_harmless, config.max_new_tokens)))
         points = []
         for alpha in ctx.progress.iterate(config.addition_alphas, total=len(config.addition_alphas),
                                           desc="addition strengths"):
@@ -235,7 +234,7 @@ def run(ctx: RunContext) -> Result:
     harmless_test = [r.prompt for r in data.test if not r.harmful]
     own = ctx.step("harmless-replies", lambda: Checkpoint(
         {"replies": [[g.text, g.ended] for g in replies(lm, harmless_test, config.max_new_tokens)]}))
-    ref = reference(lm, *_corpus(lm, data, [Reply(t, e) for t, e in own.data["replies"]]))
+    ref = reference(lm, *_corpus(lm, data.test, [Reply(t, e) for t, e in own.data["replies"]]))
     orthogonal = orthogonalize(lm, direction)
     variants: dict[str, tuple[str, str, Any, LanguageModel, str]] = {
         "unsteered": ("baseline", "the model as it is", None, lm, ""),
