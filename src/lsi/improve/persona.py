@@ -15,7 +15,6 @@ directory named ``stories260k``: a cheerful storyteller, happy minus sad words);
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,8 +61,8 @@ class PersonaConfig(RecipeConfig):
 def _trait_hash(trait: Trait) -> str:
     splits = {name: {"expressing": s.expressing, "neutral": s.neutral, "prompts": s.prompts, "prompted": s.prompted,
                      "corpus": s.corpus, "seed": s.seed} for name, s in (("dev", trait.dev), ("test", trait.test))}
-    return sha256_json(json.loads(json.dumps({"name": trait.name, "splits": splits, "monitor": vars(trait.monitor),
-                                              "candidates": dict(trait.candidates)})))
+    return sha256_json({"name": trait.name, "splits": splits, "monitor": vars(trait.monitor),
+                        "candidates": dict(trait.candidates)})
 
 
 def load_data(spec: str, lm: LanguageModel, path: Path | None, config: PersonaConfig) -> tuple[Trait,

@@ -52,10 +52,9 @@ class Progress:
 
 @dataclass
 class RunContext:
-    """What a recipe's ``run`` gets: the model, its spec, the config, the data, the run directory and progress."""
+    """What a recipe's ``run`` gets: the model, the config, the data, the run directory and progress."""
 
     lm: LanguageModel
-    model: str
     config: Any
     data: Any
     run: RunDirectory
@@ -154,6 +153,6 @@ def run_recipe(scenario: str, model: str, out: str | Path, *, config: RecipeConf
                             model_info={"family": lm.family, "identity": ModelIdentity.of(lm).to_json()},
                             extra={"area": recipe.area})
     progress.message(f"[{recipe.name}] running into {run.path}")
-    result = recipe.run(RunContext(lm, model, cfg, dataset, run, progress))
+    result = recipe.run(RunContext(lm, cfg, dataset, run, progress))
     run.write_result(result.to_json())
     return result
