@@ -58,6 +58,11 @@ class StoreError(LsiError):
     """An activation store on disk that is missing, incomplete or written for other settings."""
 
 
+class CheckpointError(InputError):
+    """A checkpoint on disk that cannot be loaded as it is: truncated or corrupt, pickle-only, or with missing,
+    unexpected or wrongly shaped tensors (which would otherwise leave randomly initialized weights)."""
+
+
 class ModelMismatchError(InputError):
     """Something made for another model: a steering, weight edit, tuned lens or activation store whose model
     identity (family, dimensions, fingerprint of the weights it was computed on) differs from the model given."""

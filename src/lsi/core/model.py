@@ -64,6 +64,10 @@ class LanguageModel:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, spec: ArchSpec | None = None,
                  verify: bool | None = None) -> None:
+        if getattr(model, "config", None) is None:
+            raise InputError("a transformers causal LM (a PreTrainedModel with a config)", type(model).__name__,
+                             "load it with lsi.load(path) or AutoModelForCausalLM; a custom nn.Module needs a "
+                             "PretrainedConfig and an ArchSpec (spec=)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         candidates, self.probed = ([spec], False) if spec is not None else candidate_specs(model)

@@ -1,9 +1,9 @@
 """Self-check: do the sites of a loaded model mean what the contract says?
 
-It runs a short input once and checks, with tolerances scaled to the values' magnitude and the dtype:
-resid_pre / resid_post against HF's ``output_hidden_states``; ``ln_final`` against HF's last hidden state;
-resid_post = resid_mid + mlp.out (or resid_pre + attn.out + mlp.out for parallel attention); the sum of
-``head_out`` (+ bias) against the output projection; ``unembed(resid_post[-1])`` against the logits.
+It runs a short input once and checks that the logits are finite and, with tolerances scaled to the values'
+magnitude and the dtype: resid_pre / resid_post against HF's ``output_hidden_states``; ``ln_final`` against HF's
+last hidden state; resid_post = resid_mid + mlp.out (or resid_pre + attn.out + mlp.out for parallel attention);
+the sum of ``head_out`` (+ bias) against the output projection; ``unembed(resid_post[-1])`` against the logits.
 
 Example:
     >>> import lsi
@@ -91,7 +91,9 @@ def self_check(lm: LanguageModel) -> SelfCheckResult:
     c, hs = session.values, out.hidden_states
     with torch.no_grad():
         lens_logits = lm.unembed(c[f"blocks.{n - 1}.resid_post"])
-    checks = [_compare("ln_final == hidden_states[-1]", c["ln_final"], hs[-1]),
+    non_finite = float((~torch.isfinite(out.logits)).sum())
+    checks = [CheckResult("logits are finite (count of inf / NaN)", non_finite, 0.0),
+              _compare("ln_final == hidden_states[-1]", c["ln_final"], hs[-1]),
               _compare("unembed(resid_post[-1]) == logits", lens_logits, out.logits)]
     for i in range(n):
         b = f"blocks.{i}"
