@@ -69,7 +69,12 @@ class ModelMismatchError(InputError):
 
 
 class NonFiniteSteeringError(LsiError, ArithmeticError):
-    """A steering strength that produces NaN or infinite values."""
+    """A steering whose values or strength are NaN / infinite, or whose interventions make a forward pass produce
+    NaN / infinite logits or overflow the residual stream."""
+
+
+class NonFiniteMetricError(LsiError, ArithmeticError):
+    """A locate metric that returned NaN or an infinite value (scores computed from it would be NaN)."""
 
 
 class NotSerializableError(LsiError):
