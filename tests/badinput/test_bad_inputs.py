@@ -58,8 +58,9 @@ def test_exactly_the_learned_context_runs(tiny_lm):
 def test_past_a_rotary_context_warns_once(fresh_lm):
     lm = fresh_lm("llama")  # rotary positions: it runs, on positions never trained
     long = [[5 + i % 80 for i in range(CONTEXT + 10)]]
-    with pytest.warns(UserWarning, match=f"past the {CONTEXT} positions"):
+    with pytest.warns(UserWarning, match=f"past the {CONTEXT} positions") as record:
         lm.forward(long)
+    assert record[0].filename == __file__  # points at the caller, not inside lsi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lm.forward(long)  # once per model

@@ -15,7 +15,7 @@ collapses to the same value, e.g. 0, although each one is finite). Padding posit
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +133,7 @@ def _bad_real_rows(finite: torch.Tensor, attention_mask: torch.Tensor | None) ->
 
 
 class OutputGuard:
-    """The checks of a guarded session (see the module docstring); ``label`` names the active interventions.
+    """The checks of a guarded session (see the module docstring); ``label()`` names the active interventions.
 
     Fast path, one device sync per forward pass: the norm of the final norm's input plus the sum of the logits
     (both in float32, or float64 for a float64 model) must be finite (NaN and infinity propagate through both).
@@ -144,7 +144,7 @@ class OutputGuard:
     _FIX = ("lower the strength (a residual stream past ~1e19 overflows the norms), or run the model in float32; "
             "check values built from data for NaN")
 
-    def __init__(self, label: str, state: ForwardState) -> None:
+    def __init__(self, label: Callable[[], str], state: ForwardState) -> None:
         self.label, self.state = label, state
         self._norm_input: torch.Tensor | None = None
 
@@ -175,19 +175,19 @@ class OutputGuard:
             self._raise("finite logits", f"NaN/inf logits at {bad_logits} positions")
 
     def _raise(self, expected: str, found: str) -> None:
-        raise NonFiniteSteeringError(f"{expected} under {self.label}", found, self._FIX)
+        raise NonFiniteSteeringError(f"{expected} under {self.label()}", found, self._FIX)
 
 
 class HookSession:
     """Scoped hooks for one purpose: ``with HookSession(...) as s: model(...)``; then read ``s.values``.
 
-    ``guard`` (a description of the active interventions) turns on the output checks of the module docstring.
+    ``guard`` (a function naming the active interventions) turns on the output checks of the module docstring.
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec, dims: ModelDims, *,
                  interventions: Iterable[Intervention] = (), cache: Iterable[Site] = (),
                  cache_positions: Positions | None = None, cache_device: torch.device | str | None = None,
-                 grads: Iterable[Site] = (), guard: str | None = None) -> None:
+                 grads: Iterable[Site] = (), guard: Callable[[], str] | None = None) -> None:
         self.model = model
         self.state = ForwardState()
         self._guard = None if guard is None else (OutputGuard(guard, self.state), get_module(model, spec.final_norm))

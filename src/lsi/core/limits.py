@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,11 @@ class InputLimits:
                                   "tokenizer cannot read it (another script or encoding?)")
 
     def warn_once(self, key: str, message: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            warnings.warn(message, stacklevel=4)
+        """Warn with ``message`` the first time ``key`` comes up, pointing at the first caller outside lsi."""
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        frame, level = sys._getframe(), 1
+        while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("lsi."):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, stacklevel=level)

@@ -278,13 +278,17 @@ class LanguageModel:
         for op in ops:
             for s in op.site.expand(self.dims.n_layers):
                 self._check_available(s)
-        leaves = [repr(leaf) for leaf in steering.leaves()]
-        label = ", ".join(leaves[:4]) + (f" and {len(leaves) - 4} more" if len(leaves) > 4 else "")
+        leaves = steering.leaves()
+
+        def label() -> str:  # only spelled out when the guard raises
+            names = [repr(leaf) for leaf in leaves[:4]]
+            return ", ".join(names) + (f" and {len(leaves) - 4} more" if len(leaves) > 4 else "")
+
         return self._hooked(ops, deltas, label if leaves else None)
 
     @contextmanager
     def _hooked(self, ops: list[Intervention], deltas: dict[str, torch.Tensor],
-                guard: str | None) -> Iterator[HookSession]:
+                guard: Callable[[], str] | None) -> Iterator[HookSession]:
         with added_to_weights(self, deltas), HookSession(self.model, self.spec, self.dims, interventions=ops,
                                                          guard=guard) as session:
             yield session
