@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from badinput_checks import refuse
 from core_helpers import IDS, PrintableTokenizer
 
 import lsi
@@ -19,7 +20,7 @@ VOCAB, CONTEXT = 97, 64  # the tiny models
 @pytest.mark.parametrize("ids", [[[5, 97, 6]], [[5, -1, 6]], [[5, 6, 7], [500]], torch.tensor([[3, 4, 1000]])],
                          ids=["vocab", "negative", "padded-row", "tensor"])
 @pytest.mark.parametrize("call", ["forward", "run_with_cache", "generate", "intervene"])
-def test_token_ids_outside_the_vocabulary(tiny_lm, refuse, ids, call):
+def test_token_ids_outside_the_vocabulary(tiny_lm, ids, call):
     lm = tiny_lm("llama")
 
     def run() -> object:
@@ -33,7 +34,7 @@ def test_token_ids_outside_the_vocabulary(tiny_lm, refuse, ids, call):
         run()
 
 
-def test_padding_ids_go_through_the_embedding_too(tiny_lm, refuse):
+def test_padding_ids_go_through_the_embedding_too(tiny_lm):
     lm = tiny_lm("llama")
     batch = lsi.Batch(torch.tensor([[5, 6, 7], [8, 9, 500]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
     with refuse(IndexOutOfRangeError, model=lm.model, match="500 in row 1"):
@@ -42,7 +43,7 @@ def test_padding_ids_go_through_the_embedding_too(tiny_lm, refuse):
 
 @pytest.mark.parametrize(("length", "new"), [(CONTEXT + 1, 0), (CONTEXT + 30, 0), (CONTEXT - 2, 5)],
                          ids=["one-past", "far-past", "prompt-plus-new"])
-def test_past_learned_position_embeddings(tiny_lm, refuse, length, new):
+def test_past_learned_position_embeddings(tiny_lm, length, new):
     lm = tiny_lm("gpt2")  # learned positions: no vector exists past the context
     ids = [[5 + i % 80 for i in range(length)]]
     with refuse(IndexOutOfRangeError, model=lm.model, match=f"at most {CONTEXT} positions"):
@@ -86,20 +87,20 @@ def test_text_that_is_only_unknown_tokens_warns_once(fresh_lm):
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, None])
-def test_nothing_to_generate(tiny_lm, refuse, value):
+def test_nothing_to_generate(tiny_lm, value):
     lm = tiny_lm("llama")
     with refuse(InputError, model=lm.model, match="max_new_tokens >= 1"):
         lm.generate(IDS, max_new_tokens=value)
 
 
-def test_generate_text_without_a_tokenizer(tiny_lm, refuse):
+def test_generate_text_without_a_tokenizer(tiny_lm):
     lm = tiny_lm("llama")
     with refuse(InputError, model=lm.model, match="tokenizer"):
         lm.generate_text(IDS.tolist(), max_new_tokens=1)
 
 
 @pytest.mark.parametrize("inputs", [None, 3, 2.5, object()], ids=["none", "int", "float", "object"])
-def test_inputs_of_the_wrong_type(tiny_lm, refuse, inputs):
+def test_inputs_of_the_wrong_type(tiny_lm, inputs):
     lm = tiny_lm("llama")
     with refuse(InputError, model=lm.model, match="token ids"):
         lm.forward(inputs)
@@ -107,7 +108,7 @@ def test_inputs_of_the_wrong_type(tiny_lm, refuse, inputs):
 
 @pytest.mark.parametrize("sites", [3, None, {"blocks.0.mlp.out"}, [3], ["embed", None]],
                          ids=["int", "none", "set", "list-of-int", "list-with-none"])
-def test_sites_of_the_wrong_type(tiny_lm, refuse, sites):
+def test_sites_of_the_wrong_type(tiny_lm, sites):
     lm = tiny_lm("llama")
     with refuse(InputError, model=lm.model, match="a site name"):
         lm.run_with_cache(IDS, sites)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from badinput_checks import refuse
 from core_helpers import IDS
 
 import lsi
@@ -40,7 +41,7 @@ BREAKING = {
 
 @pytest.mark.parametrize("name", list(BREAKING))
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_forward_under_a_breaking_intervention(fresh_lm, refuse, name, family):
+def test_forward_under_a_breaking_intervention(fresh_lm, name, family):
     lm = fresh_lm(family)
     build, phrase = BREAKING[name]
     with refuse(NonFiniteSteeringError, model=lm.model, match=phrase), lm.intervene(build()):
@@ -48,7 +49,7 @@ def test_forward_under_a_breaking_intervention(fresh_lm, refuse, name, family):
 
 
 @pytest.mark.parametrize("call", ["generate", "generate_text", "run_with_cache", "padded-forward"])
-def test_every_path_under_a_huge_addition(fresh_lm, refuse, call):
+def test_every_path_under_a_huge_addition(fresh_lm, call):
     from core_helpers import PrintableTokenizer
 
     lm = fresh_lm("llama", tokenizer=PrintableTokenizer())
@@ -61,7 +62,7 @@ def test_every_path_under_a_huge_addition(fresh_lm, refuse, call):
         run()
 
 
-def test_a_weight_edit_that_overflows(fresh_lm, refuse):
+def test_a_weight_edit_that_overflows(fresh_lm):
     lm = fresh_lm("llama")
     name = "model.embed_tokens.weight"
     edit = lsi.WeightEdit.of(lm, {name: torch.full_like(dict(lm.model.named_parameters())[name], 1e20)})
@@ -92,7 +93,7 @@ def log_zero(logits: torch.Tensor, batch: lsi.Batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("metric", [nan_metric, log_zero], ids=["nan", "log-zero"])
 @pytest.mark.parametrize("method", ["run_with_grads", "activation_patching", "attribution_patching"])
-def test_a_metric_that_returns_nan(tiny_lm, refuse, metric, method):
+def test_a_metric_that_returns_nan(tiny_lm, metric, method):
     lm = tiny_lm("llama")
     clean, corrupt = [[5, 6, 7, 8]], [[5, 9, 7, 8]]
     run = {"run_with_grads": lambda: lm.run_with_grads(clean, metric, "blocks.0.resid_post"),

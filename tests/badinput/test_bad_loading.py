@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from badinput_checks import refuse
 from core_helpers import FAMILIES
 from safetensors.torch import load_file, save_file
 
@@ -55,13 +56,13 @@ def test_every_family_round_trips_without_complaint(family, tmp_path):
     (lambda t: {**t, DOWN: t[DOWN].T.contiguous()}, "wrong shape"),
 ], ids=["missing-tensor", "missing-norm", "unexpected-tensor", "missing-and-unexpected", "wrong-shape",
         "transposed"])
-def test_checkpoint_keys_must_match_the_model(saved, tmp_path, refuse, edit, phrase):
+def test_checkpoint_keys_must_match_the_model(saved, tmp_path, edit, phrase):
     with refuse(CheckpointError, match=phrase):
         lsi.load(_variant(saved, tmp_path, edit))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random-bytes", "empty"])
-def test_damaged_safetensors(saved, tmp_path, refuse, damage):
+def test_damaged_safetensors(saved, tmp_path, damage):
     path = tmp_path / "damaged"
     shutil.copytree(saved, path)
     data = (saved / "model.safetensors").read_bytes()
@@ -73,7 +74,7 @@ def test_damaged_safetensors(saved, tmp_path, refuse, damage):
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
-def test_pickle_only_checkpoint_is_never_unpickled(saved, tmp_path, refuse, name):
+def test_pickle_only_checkpoint_is_never_unpickled(saved, tmp_path, name):
     path = tmp_path / "pickled"
     shutil.copytree(saved, path)
     (path / "model.safetensors").unlink()
@@ -84,30 +85,30 @@ def test_pickle_only_checkpoint_is_never_unpickled(saved, tmp_path, refuse, name
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
-def test_a_file_instead_of_the_directory(saved, refuse, name):
+def test_a_file_instead_of_the_directory(saved, name):
     with refuse(InputError, match="pass its directory"):
         lsi.load(saved / name)
 
 
-def test_a_directory_that_does_not_exist(tmp_path, refuse):
+def test_a_directory_that_does_not_exist(tmp_path):
     with refuse(InputError, match="check the path"):
         lsi.load(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("device", ["cdua", "gpu", "cuda:x"])
-def test_misspelled_device(saved, refuse, device):
+def test_misspelled_device(saved, device):
     with refuse(InputError, match="check the spelling"):
         lsi.load(saved, device=device)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda")])
-def test_cuda_without_a_gpu(saved, refuse, device):
+def test_cuda_without_a_gpu(saved, device):
     with refuse(InputError, match="not available here"):
         lsi.load(saved, device=device)
 
 
-def test_cuda_without_a_gpu_on_a_built_model(refuse):
+def test_cuda_without_a_gpu_on_a_built_model():
     if torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU")
     model = tiny_model("llama")
@@ -116,20 +117,20 @@ def test_cuda_without_a_gpu_on_a_built_model(refuse):
 
 
 @pytest.mark.parametrize("name", ["eagr", "flash", "SDPA"])
-def test_unknown_attention_implementation(saved, refuse, name):
+def test_unknown_attention_implementation(saved, name):
     with refuse(AttentionImplementationError, match="sdpa") as info:
         lsi.load(saved, attn_implementation=name)
     assert "path" not in info.value.fix
 
 
 @pytest.mark.parametrize("tokenizer", ["gpt2", Path("tok")])
-def test_tokenizer_given_as_a_string(saved, refuse, tokenizer):
+def test_tokenizer_given_as_a_string(saved, tokenizer):
     with refuse(InputError, match="AutoTokenizer.from_pretrained"):
         lsi.load(saved, tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize("model", [None, 3, ["model"]])
-def test_not_a_model_at_once(refuse, model):
+def test_not_a_model_at_once(model):
     start = time.perf_counter()
     with refuse(InputError, match="a hub id, a model directory"):
         lsi.load(model)
@@ -137,7 +138,7 @@ def test_not_a_model_at_once(refuse, model):
 
 
 @pytest.mark.parametrize("build", [lambda m: lsi.load(m), lambda m: lsi.LanguageModel(m)], ids=["load", "wrapper"])
-def test_module_without_a_config(refuse, build):
+def test_module_without_a_config(build):
     module = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
     with refuse(InputError, model=module, match="PreTrainedModel with a config"):
         build(module)

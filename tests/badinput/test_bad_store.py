@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from badinput_checks import refuse
 from safetensors.torch import load_file
 
 import lsi
@@ -56,7 +57,7 @@ def written(tiny_lm, tmp_path) -> Path:
     [[8, 9], [5, 6, 7], [10, 11, 12, 13], [14], [15, 16]],  # the same rows in another order
     [[5, 6], [7, 8, 9], [10, 11, 12, 13], [14], [15, 16]],  # the same tokens split otherwise
 ], ids=["one-token", "reordered", "resplit"])
-def test_resume_with_other_data_of_the_same_length(tiny_lm, written, refuse, other):
+def test_resume_with_other_data_of_the_same_length(tiny_lm, written, other):
     lm = tiny_lm("llama")
     before = _snapshot(written)
     with refuse(StoreError, model=lm.model, match="same length"):
@@ -64,7 +65,7 @@ def test_resume_with_other_data_of_the_same_length(tiny_lm, written, refuse, oth
     assert _snapshot(written) == before
 
 
-def test_resume_of_texts_under_another_tokenizer(fresh_lm, char_tokenizer, tmp_path, refuse):
+def test_resume_of_texts_under_another_tokenizer(fresh_lm, char_tokenizer, tmp_path):
     from core_helpers import PrintableTokenizer
 
     texts = ["abc", "de", "fgh"]
@@ -81,7 +82,7 @@ def test_resume_of_texts_under_another_tokenizer(fresh_lm, char_tokenizer, tmp_p
     ({"dtype": torch.float16}, "dtype"),
     ({"dataset": [*DATA, [3]]}, "n_examples"),
 ])
-def test_resume_with_other_settings(tiny_lm, written, refuse, change, key):
+def test_resume_with_other_settings(tiny_lm, written, change, key):
     lm = tiny_lm("llama")
     args = {"dataset": DATA, "sites": SITE, "batch_size": 2, **change}
     before = _snapshot(written)
@@ -91,20 +92,20 @@ def test_resume_with_other_settings(tiny_lm, written, refuse, change, key):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, "float16"])
-def test_integer_or_non_dtype_is_refused(tiny_lm, tmp_path, refuse, dtype):
+def test_integer_or_non_dtype_is_refused(tiny_lm, tmp_path, dtype):
     lm = tiny_lm("llama")
     with refuse(InputError, model=lm.model, match="floating dtype"):
         lsi.cache_to_disk(lm, DATA, SITE, tmp_path / "s", dtype=dtype)
     assert not (tmp_path / "s").exists()
 
 
-def test_batch_size_below_one(tiny_lm, tmp_path, refuse):
+def test_batch_size_below_one(tiny_lm, tmp_path):
     with refuse(InputError, match="batch_size >= 1"):
         lsi.cache_to_disk(tiny_lm("llama"), DATA, SITE, tmp_path, batch_size=0)
 
 
 @pytest.mark.parametrize("where", ["a-file", "under-a-file"])
-def test_out_dir_that_cannot_take_files(tiny_lm, tmp_path, refuse, where):
+def test_out_dir_that_cannot_take_files(tiny_lm, tmp_path, where):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     out = blocker if where == "a-file" else blocker / "store"
@@ -120,7 +121,7 @@ def test_out_dir_that_cannot_take_files(tiny_lm, tmp_path, refuse, where):
     ('{"schema": 1, "settings": {}, "shards": []}', "store schema 2"),
     ("\xff\xfe", "unreadable JSON"),
 ], ids=["truncated", "list", "missing-key", "old-schema", "binary"])
-def test_tampered_manifest(tiny_lm, written, refuse, text, phrase):
+def test_tampered_manifest(tiny_lm, written, text, phrase):
     (written / "manifest.json").write_bytes(text.encode("latin-1"))
     with refuse(StoreError, match=phrase):
         lsi.ActivationStore(written)
@@ -128,7 +129,7 @@ def test_tampered_manifest(tiny_lm, written, refuse, text, phrase):
         lsi.cache_to_disk(tiny_lm("llama"), DATA, SITE, written, batch_size=2)
 
 
-def test_damaged_shard_is_refused_when_read(written, refuse):
+def test_damaged_shard_is_refused_when_read(written):
     shard = written / "shard_000001.safetensors"
     shard.write_bytes(shard.read_bytes()[:40])
     with refuse(StoreError, match="rerun cache_to_disk"):
@@ -164,6 +165,7 @@ import sys, time
 import torch
 import lsi
 from lsi.testing import tiny_model
+
 
 torch.set_num_threads(1)
 lm = lsi.LanguageModel(tiny_model("llama"))

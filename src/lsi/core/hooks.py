@@ -142,7 +142,7 @@ class OutputGuard:
     """
 
     _FIX = ("lower the strength (a residual stream past ~1e19 overflows the norms), or run the model in float32; "
-            "check values built from data for NaN")
+            "check values built from data for NaN, and the model itself (lsi.self_check(lm))")
 
     def __init__(self, label: Callable[[], str], state: ForwardState) -> None:
         self.label, self.state = label, state

@@ -1,8 +1,11 @@
-"""Shared checks of the bad-input suite: every refusal is a typed error with a remedy and changes nothing."""
+"""Shared checks of the bad-input suite: every refusal is a typed error with a remedy and changes nothing.
+
+(Not a conftest.py: a second module named ``conftest`` would shadow the top-level one for ``from conftest import``.)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +24,7 @@ def assert_remedy(err: BaseException) -> None:
 
 
 @contextmanager
-def refused(error: type[LsiError], model: torch.nn.Module | None = None, match: str | None = None) -> Iterator[Any]:
+def refuse(error: type[LsiError], model: torch.nn.Module | None = None, match: str | None = None) -> Iterator[Any]:
     """Expect ``error`` (with a remedy) inside the block; afterwards ``model`` has no hooks and the same weights."""
     before = None if model is None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match) as info:
@@ -32,8 +35,3 @@ def refused(error: type[LsiError], model: torch.nn.Module | None = None, match: 
         after = model.state_dict()
         assert before is not None and before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before), "weights changed"
-
-
-@pytest.fixture
-def refuse() -> Callable[..., Any]:
-    return refused
