@@ -58,13 +58,23 @@ class StoreError(LsiError):
     """An activation store on disk that is missing, incomplete or written for other settings."""
 
 
+class CheckpointError(InputError):
+    """A checkpoint on disk that cannot be loaded as it is: truncated or corrupt, pickle-only, or with missing,
+    unexpected or wrongly shaped tensors (which would otherwise leave randomly initialized weights)."""
+
+
 class ModelMismatchError(InputError):
     """Something made for another model: a steering, weight edit, tuned lens or activation store whose model
     identity (family, dimensions, fingerprint of the weights it was computed on) differs from the model given."""
 
 
 class NonFiniteSteeringError(LsiError, ArithmeticError):
-    """A steering strength that produces NaN or infinite values."""
+    """A steering whose values or strength are NaN / infinite, or whose interventions make a forward pass produce
+    NaN / infinite logits or overflow the residual stream."""
+
+
+class NonFiniteMetricError(LsiError, ArithmeticError):
+    """A locate metric that returned NaN or an infinite value (scores computed from it would be NaN)."""
 
 
 class NotSerializableError(LsiError):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from lsi.cli.errors import check_output_path
+
 
 @click.group()
 def bench() -> None:
@@ -31,13 +33,11 @@ def groundtruth(methods: str | None, organisms: str | None, kind: str, tau: floa
     methods by target success at a KL budget (next to the unsteered model, the oracle and a random direction) and
     knowledge-edit methods by efficacy, paraphrase and neighbourhood scores (next to the unedited model)."""
     from lsi.bench.groundtruth import run_benchmark, write_json
-    from lsi.errors import LsiError
     from lsi.report.text import render
 
-    try:
-        result = run_benchmark(methods=_names(methods), organisms=_names(organisms), kind=kind, tau=tau)
-    except LsiError as err:
-        raise click.ClickException(str(err)) from err
+    if json_path is not None:
+        check_output_path(json_path)
+    result = run_benchmark(methods=_names(methods), organisms=_names(organisms), kind=kind, tau=tau)
     click.echo(render(result))
     if json_path is not None:
         write_json(result, json_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,17 +12,29 @@ import click
 
 from lsi import __version__
 from lsi.cli.bench import bench
+from lsi.cli.errors import LsiGroup, check_output_path
 from lsi.cli.improve import improve, report
 from lsi.cli.organisms import organisms
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LsiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lsi")
-def cli() -> None:
+@click.option("--debug", is_flag=True, envvar="LSI_DEBUG",
+              help="Show the full traceback of an error (default: one line with the fix).")
+def cli(debug: bool) -> None:
     """lsi: Locate, Steer, Improve — mechanistic interpretability for HuggingFace language models."""
-    from transformers.utils import logging as hf_logging
+    quiet_progress_bars()
 
-    hf_logging.disable_progress_bar()
+
+def quiet_progress_bars() -> None:
+    """No download / loading progress bars (transformers reads the setting when imported: set it without
+    importing transformers, which would make every command and its --help slow)."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _shape_text(shape: list[Any]) -> str:
@@ -76,12 +89,7 @@ def print_inspect(report: dict[str, Any]) -> None:
 @click.option("--attn-implementation", default=None, help="eager, sdpa, ... (default: the model's own).")
 def inspect(model: str, as_json: bool, attn_implementation: str | None) -> None:
     """Show a model's family, dimensions, sites with shapes, and the self-check result."""
-    from lsi.errors import LsiError
-
-    try:
-        report = inspect_report(model, attn_implementation=attn_implementation)
-    except LsiError as err:
-        raise click.ClickException(str(err)) from err
+    report = inspect_report(model, attn_implementation=attn_implementation)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
@@ -100,6 +108,7 @@ def demo(out_dir: Path, retrain: bool) -> None:
     from lsi.demo import SEQ_LEN, counting_batch, train_demo_model
     from lsi.locate.vocab import logit_lens
 
+    check_output_path(out_dir, directory=True)
     if retrain or not (out_dir / "model.safetensors").exists():
         click.echo(f"training the demo model into {out_dir} ...")
         figures = train_demo_model(out_dir)

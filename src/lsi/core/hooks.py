@@ -4,12 +4,18 @@ A :class:`HookSession` groups the bindings it needs by (module, phase), installs
 all of them on exit, also when the code inside raises. At each firing it applies, per site: interventions in
 the order given, then the zero-valued gradient probe (if requested), then caching; so a cache records the value
 the model actually used.
+
+A session that intervenes is *guarded*: a cheap check per forward pass (one device sync) raises
+:class:`~lsi.errors.NonFiniteSteeringError` naming the active interventions instead of letting wrong numbers out:
+the logits must be finite, and the residual stream entering the final norm must be finite with a finite sum of
+squares in float32 (float64 for float64 models; past that, the norm divides by infinity and every logit
+collapses to the same value, e.g. 0, although each one is finite). Padding positions are not checked.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +23,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lsi.arch.dims import ModelDims
+from lsi.arch.dims import ModelDims, get_module
 from lsi.arch.spec import ArchSpec
 from lsi.core.bindings import Binding, HookCall, Phase, bind
 from lsi.core.interventions import Intervention, OpContext
 from lsi.core.positions import All, Positions
 from lsi.core.sites import Site
-from lsi.errors import ReadOnlySiteError
+from lsi.errors import NonFiniteSteeringError, ReadOnlySiteError
 
 
 @dataclass
@@ -117,15 +123,74 @@ def _gather_positions(value: torch.Tensor, index: torch.Tensor, axis: int) -> to
     return moved[rows, index.to(moved.device)].movedim(1, axis)
 
 
+def _bad_real_rows(finite: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """How many real (non-padding) positions of a ``[b, p]`` finiteness map are not finite (``p`` may cover only
+    the last positions of the mask)."""
+    bad = ~finite
+    if attention_mask is not None:
+        bad = bad & attention_mask[:, -bad.shape[1]:].bool().to(bad.device)
+    return int(bad.sum())
+
+
+class OutputGuard:
+    """The checks of a guarded session (see the module docstring); ``label()`` names the active interventions.
+
+    Fast path, one device sync per forward pass: the norm of the final norm's input plus the sum of the logits
+    (both in float32, or float64 for a float64 model) must be finite (NaN and infinity propagate through both).
+    Only when it is not are the values examined per position, padding excluded, to raise or to let a harmless
+    case (padding, a huge total of individually sound rows) through.
+    """
+
+    _FIX = ("lower the strength (a residual stream past ~1e19 overflows the norms), or run the model in float32; "
+            "check values built from data for NaN, and the model itself (lsi.self_check(lm))")
+
+    def __init__(self, label: Callable[[], str], state: ForwardState) -> None:
+        self.label, self.state = label, state
+        self._norm_input: torch.Tensor | None = None
+
+    def norm_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._norm_input = (args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+    def logits(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        x, self._norm_input = self._norm_input, None
+        logits = getattr(output, "logits", None)
+        if logits is None or x is None:
+            return
+        logits, x = logits.detach(), x.detach()
+        wide = torch.promote_types(x.dtype, torch.float32)  # what norms compute in (float64 stays float64)
+        total = torch.linalg.vector_norm(x, dtype=wide) + logits.sum(dtype=wide)
+        if bool(torch.isfinite(total)):
+            return
+        mask = self.state.attention_mask
+        nan_inf = _bad_real_rows(torch.isfinite(x).all(-1), mask)
+        overflow = _bad_real_rows(torch.isfinite(x.to(wide).square().sum(-1)), mask)
+        bad_logits = _bad_real_rows(torch.isfinite(logits).all(-1), mask)
+        if nan_inf:
+            self._raise("a finite residual stream at the final norm", f"NaN/inf at {nan_inf} positions")
+        if overflow:
+            self._raise(f"a residual stream the final norm can normalize (sum of squares finite in {wide})",
+                        f"|values| up to {float(x.abs().max()):.3g} at {overflow} positions: the logits "
+                        "would collapse to a constant")
+        if bad_logits:
+            self._raise("finite logits", f"NaN/inf logits at {bad_logits} positions")
+
+    def _raise(self, expected: str, found: str) -> None:
+        raise NonFiniteSteeringError(f"{expected} under {self.label()}", found, self._FIX)
+
+
 class HookSession:
-    """Scoped hooks for one purpose: ``with HookSession(...) as s: model(...)``; then read ``s.values``."""
+    """Scoped hooks for one purpose: ``with HookSession(...) as s: model(...)``; then read ``s.values``.
+
+    ``guard`` (a function naming the active interventions) turns on the output checks of the module docstring.
+    """
 
     def __init__(self, model: nn.Module, spec: ArchSpec, dims: ModelDims, *,
                  interventions: Iterable[Intervention] = (), cache: Iterable[Site] = (),
                  cache_positions: Positions | None = None, cache_device: torch.device | str | None = None,
-                 grads: Iterable[Site] = ()) -> None:
+                 grads: Iterable[Site] = (), guard: Callable[[], str] | None = None) -> None:
         self.model = model
         self.state = ForwardState()
+        self._guard = None if guard is None else (OutputGuard(guard, self.state), get_module(model, spec.final_norm))
         self.values: dict[str, torch.Tensor] = {}
         self.probes: dict[str, torch.Tensor] = {}
         self.fire_counts: dict[str, int] = defaultdict(int)
@@ -210,6 +275,10 @@ class HookSession:
             for binding in self._bindings.values():
                 for module, phase, fn in binding.helpers:
                     self._install(module, phase, fn)
+            if self._guard is not None:
+                guard, final_norm = self._guard
+                self._install(final_norm, "pre", guard.norm_input)
+                self._install(self.model, "post", guard.logits)
         except BaseException:
             self.close()
             raise

@@ -89,7 +89,11 @@ def to_batch(inputs: Inputs | Batch, *, tokenizer: Any, padding_side: PaddingSid
         ids = inputs.unsqueeze(0) if inputs.dim() == 1 else inputs
         batch = Batch(ids.long(), torch.ones_like(ids, dtype=torch.long))
     else:
-        texts_or_rows = [inputs] if isinstance(inputs, str) else list(inputs)
+        try:
+            texts_or_rows = [inputs] if isinstance(inputs, str) else list(inputs)
+        except TypeError as err:
+            raise InputError("a string, a list of strings, a list of token-id lists or a tensor",
+                             f"{type(inputs).__name__} {inputs!r}"[:200], "pass text or token ids") from err
         if not texts_or_rows:
             raise InputError("at least one input", "an empty list", "pass a string, a list of strings or token ids")
         if all(isinstance(t, str) for t in texts_or_rows):

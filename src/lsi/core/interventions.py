@@ -46,7 +46,7 @@ from lsi.core.steering import (
     positions_from_json,
     positions_json,
 )
-from lsi.errors import NonFiniteSteeringError, NotFoldableError, NotSerializableError, ShapeMismatchError
+from lsi.errors import NotFoldableError, NotSerializableError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from lsi.core.cache import ActivationCache
@@ -220,7 +220,6 @@ class Add(Intervention):
 
     vector: torch.Tensor
     alpha: float = 1.0
-    checks_logits = True
 
     def __init__(self, site: str | Site, vector: torch.Tensor, alpha: float = 1.0, *,
                  positions: PositionSpec = None, scope: Scope = "all",
@@ -392,22 +391,6 @@ class Apply(Intervention):
 
     def _details(self) -> str:
         return f", fn={getattr(self.fn, '__name__', type(self.fn).__name__)}"
-
-
-def finite_logits(label: str) -> Intervention:
-    """An intervention on the logits that raises :class:`NonFiniteSteeringError` naming ``label`` when any logit
-    is NaN or infinite (added by leaves whose strength can overflow the residual stream)."""
-
-    def check(logits: torch.Tensor) -> torch.Tensor:
-        finite = torch.isfinite(logits)
-        if not bool(finite.all()):
-            raise NonFiniteSteeringError(f"finite logits under {label}",
-                                         f"{int((~finite).sum())} NaN/inf of {logits.numel()} logits",
-                                         "lower the strength (strengths that overflow the residual stream break "
-                                         "its norms), or run the model in float32")
-        return logits
-
-    return Apply("logits", check)
 
 
 def reference_means(lm: LanguageModel, inputs: Inputs | Batch, sites: str | Site | Sequence[str | Site], *,

@@ -30,23 +30,29 @@ from lsi.core.cache import ActivationCache
 from lsi.core.hooks import HookSession
 from lsi.core.inputs import Batch, Inputs, PaddingSide, to_batch
 from lsi.core.interventions import Intervention
+from lsi.core.limits import InputLimits
 from lsi.core.positions import PositionSpec, as_positions
 from lsi.core.sites import SITE_KINDS, LayerSpec, Site, SiteKind, as_sites
 from lsi.core.steering import Steering, compose
 from lsi.core.weight_edit import added_to_weights
 from lsi.core.weights import Weights
-from lsi.errors import InputError, SiteUnavailableError, UnknownArchitectureError
+from lsi.errors import InputError, NonFiniteMetricError, SiteUnavailableError, UnknownArchitectureError
 
 SiteSpec = str | Site | Sequence[str | Site]
 Metric = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
 def evaluate(metric: Metric, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """``metric(logits, batch)``, refused unless it is a scalar tensor."""
+    """``metric(logits, batch)``, refused unless it is a finite scalar tensor."""
     value = metric(logits, batch)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
         raise InputError("a metric returning a scalar tensor", found, "reduce it, e.g. metric(...).mean() or .sum()")
+    if not bool(torch.isfinite(value.detach()).all()):
+        name = getattr(metric, "__name__", type(metric).__name__)
+        raise NonFiniteMetricError(f"a finite value of the metric {name}", f"{float(value.detach())}",
+                                   "guard its divisions and logs (e.g. log_softmax instead of log(softmax)); "
+                                   "check that the logits are finite")
     return value.reshape(())
 
 
@@ -64,12 +70,17 @@ class LanguageModel:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, spec: ArchSpec | None = None,
                  verify: bool | None = None) -> None:
+        if getattr(model, "config", None) is None:
+            raise InputError("a transformers causal LM (a PreTrainedModel with a config)", type(model).__name__,
+                             "load it with lsi.load(path) or AutoModelForCausalLM; a custom nn.Module needs a "
+                             "PretrainedConfig and an ArchSpec (spec=)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         candidates, self.probed = ([spec], False) if spec is not None else candidate_specs(model)
         for i, candidate in enumerate(candidates):
             self.spec = candidate
             self.dims = ModelDims.read(model, candidate)
+            self.limits = InputLimits.read(model, candidate)
             self._bound: dict[tuple[str, LayerSpec | None], SiteKind] = {}  # (kind, layer) found available
             self.attn_switched_from: str | None = None
             if not (verify if verify is not None else self.probed):
@@ -164,10 +175,16 @@ class LanguageModel:
         cfg_pad = getattr(self.model.config, "pad_token_id", None)
         return int(tok_pad if tok_pad is not None else cfg_pad if cfg_pad is not None else 0)
 
-    def to_batch(self, inputs: Inputs | Batch, *, padding_side: PaddingSide | None = None) -> Batch:
-        """Tokenize and pad ``inputs`` (text, ids, tensors or a tokenizer's output) onto the model's device."""
+    def to_batch(self, inputs: Inputs | Batch, *, padding_side: PaddingSide | None = None,
+                 new_tokens: int = 0) -> Batch:
+        """Tokenize and pad ``inputs`` (text, ids, tensors or a tokenizer's output) onto the model's device; checked
+        against the vocabulary and the context (with ``new_tokens`` to generate), see :mod:`lsi.core.limits`."""
         side = padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
-        return to_batch(inputs, tokenizer=self.tokenizer, padding_side=side, pad_id=self.pad_id).to(self.device)
+        batch = to_batch(inputs, tokenizer=self.tokenizer, padding_side=side, pad_id=self.pad_id)
+        self.limits.check(batch, new_tokens=new_tokens)
+        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and any(isinstance(t, str) for t in inputs)):
+            self.limits.check_text(batch, self.tokenizer)
+        return batch.to(self.device)
 
     def batches(self, inputs: Inputs | Batch, batch_size: int) -> Iterator[Batch]:
         """``inputs`` as padded batches of at most ``batch_size`` rows (for streaming over a dataset)."""
@@ -253,23 +270,35 @@ class LanguageModel:
         """Apply interventions and steerings (leaves such as ``lsi.Zero`` / ``lsi.Add``, weight edits,
         compositions, lists of them; in order) to every forward pass and ``generate`` call inside the block;
         weight deltas are added and restored bit-exactly on exit, hooks always removed. Checked against this model
-        here, before the block."""
-        ops, deltas = compose(*steerings).prepare(self)
+        here, before the block. A forward pass whose logits come out NaN / infinite, or collapsed by a residual
+        stream that overflows the final norm, raises :class:`~lsi.errors.NonFiniteSteeringError` naming the
+        interventions (see :mod:`lsi.core.hooks`)."""
+        steering = compose(*steerings)
+        ops, deltas = steering.prepare(self)
         for op in ops:
             for s in op.site.expand(self.dims.n_layers):
                 self._check_available(s)
-        return self._hooked(ops, deltas)
+        leaves = steering.leaves()
+
+        def label() -> str:  # only spelled out when the guard raises
+            names = [repr(leaf) for leaf in leaves[:4]]
+            return ", ".join(names) + (f" and {len(leaves) - 4} more" if len(leaves) > 4 else "")
+
+        return self._hooked(ops, deltas, label if leaves else None)
 
     @contextmanager
-    def _hooked(self, ops: list[Intervention], deltas: dict[str, torch.Tensor]) -> Iterator[HookSession]:
-        with added_to_weights(self, deltas), HookSession(self.model, self.spec, self.dims,
-                                                         interventions=ops) as session:
+    def _hooked(self, ops: list[Intervention], deltas: dict[str, torch.Tensor],
+                guard: Callable[[], str] | None) -> Iterator[HookSession]:
+        with added_to_weights(self, deltas), HookSession(self.model, self.spec, self.dims, interventions=ops,
+                                                         guard=guard) as session:
             yield session
 
     def generate(self, inputs: Inputs | Batch, *, max_new_tokens: int = 20, do_sample: bool = False,
                  **kwargs: Any) -> torch.Tensor:
         """``model.generate`` on left-padded inputs; returns ids ``[batch, prompt + new]``."""
-        batch = self.to_batch(inputs, padding_side="left")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError("max_new_tokens >= 1", repr(max_new_tokens), "e.g. max_new_tokens=20")
+        batch = self.to_batch(inputs, padding_side="left", new_tokens=max_new_tokens)
         with torch.no_grad():
             return self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -277,6 +306,9 @@ class LanguageModel:
 
     def generate_text(self, prompts: str | Sequence[str], **kwargs: Any) -> list[str]:
         """Generated texts (prompt included, special tokens dropped), one per prompt."""
+        if self.tokenizer is None:
+            raise InputError("a tokenizer to decode generated text", "none",
+                             "load the model with a tokenizer, or call generate() for token ids")
         ids = self.generate(prompts, **kwargs)
         return list(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
 

@@ -1,9 +1,9 @@
 """Self-check: do the sites of a loaded model mean what the contract says?
 
-It runs a short input once and checks, with tolerances scaled to the values' magnitude and the dtype:
-resid_pre / resid_post against HF's ``output_hidden_states``; ``ln_final`` against HF's last hidden state;
-resid_post = resid_mid + mlp.out (or resid_pre + attn.out + mlp.out for parallel attention); the sum of
-``head_out`` (+ bias) against the output projection; ``unembed(resid_post[-1])`` against the logits.
+It runs a short input once and checks that the logits are finite and, with tolerances scaled to the values'
+magnitude and the dtype: resid_pre / resid_post against HF's ``output_hidden_states``; ``ln_final`` against HF's
+last hidden state; resid_post = resid_mid + mlp.out (or resid_pre + attn.out + mlp.out for parallel attention);
+the sum of ``head_out`` (+ bias) against the output projection; ``unembed(resid_post[-1])`` against the logits.
 
 Example:
     >>> import lsi
@@ -91,7 +91,9 @@ def self_check(lm: LanguageModel) -> SelfCheckResult:
     c, hs = session.values, out.hidden_states
     with torch.no_grad():
         lens_logits = lm.unembed(c[f"blocks.{n - 1}.resid_post"])
-    checks = [_compare("ln_final == hidden_states[-1]", c["ln_final"], hs[-1]),
+    non_finite = float((~torch.isfinite(out.logits)).sum())
+    checks = [CheckResult("logits are finite (count of inf / NaN)", non_finite, 0.0),
+              _compare("ln_final == hidden_states[-1]", c["ln_final"], hs[-1]),
               _compare("unembed(resid_post[-1]) == logits", lens_logits, out.logits)]
     for i in range(n):
         b = f"blocks.{i}"
@@ -117,10 +119,14 @@ def _mlp_reads_attention(lm: LanguageModel, ids: torch.Tensor, clean_mlp_out: to
     The residual sums cannot tell the two apart (both add up to resid_pre + attn.out + mlp.out), this can.
     """
     from lsi.core.interventions import Zero
+    from lsi.errors import NonFiniteSteeringError
 
-    with torch.no_grad(), lm.intervene(Zero("blocks.0.attn.out")):
-        ablated = lm.run_with_cache(ids, sites="blocks.0.mlp.out")["blocks.0.mlp.out"]
-    change = float((ablated - clean_mlp_out).abs().max())
+    try:
+        with torch.no_grad(), lm.intervene(Zero("blocks.0.attn.out")):
+            ablated = lm.run_with_cache(ids, sites="blocks.0.mlp.out")["blocks.0.mlp.out"]
+        change = float((ablated - clean_mlp_out).abs().max())
+    except NonFiniteSteeringError:  # the model's own values are not finite: NaN fails the check either way
+        change = float("nan")
     tol = _compare("", clean_mlp_out, clean_mlp_out).tolerance
     if lm.parallel_attn:
         return CheckResult("blocks.0 MLP ignores attn.out (parallel attention)", change, tol)

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from lsi.errors import IndexOutOfRangeError, SiteError
+from lsi.errors import IndexOutOfRangeError, InputError, SiteError
 
 if TYPE_CHECKING:
     import torch
@@ -346,7 +346,10 @@ def _check_layer(layer: int, n_layers: int, site: Site) -> int:
 
 def as_sites(sites: str | Site | list[str | Site] | tuple[str | Site, ...], n_layers: int) -> list[Site]:
     """Parse and expand one or many site selectors into concrete sites, keeping order and dropping repeats."""
-    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    items = [sites] if isinstance(sites, (str, Site)) else list(sites) if isinstance(sites, (list, tuple)) else None
+    if items is None or not all(isinstance(item, (str, Site)) for item in items):
+        raise InputError("a site name, a Site, or a list of them", f"{type(sites).__name__} {sites!r}"[:200],
+                         'e.g. sites="blocks.*.resid_post" or sites=["blocks.0.attn.out", "ln_final"]')
     seen: dict[Site, None] = {}  # ordered set
     for item in items:
         for s in Site.parse(item).expand(n_layers):

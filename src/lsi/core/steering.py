@@ -141,7 +141,6 @@ class Steering:
     """Base class of steering objects (see the module docstring)."""
 
     model: ModelIdentity | None = None
-    checks_logits: ClassVar[bool] = False  # True: a forward pass under this leaf checks the logits are finite
     _types: ClassVar[dict[str, type[Steering]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -184,11 +183,6 @@ class Steering:
             if leaf.model is not None:
                 leaf.model.check(lm, f"{type(leaf).__name__} made for")
         ops = [op for leaf in leaves for op in leaf._ops(lm)]
-        checked = [repr(leaf) for leaf in leaves if leaf.checks_logits]
-        if checked:
-            from lsi.core.interventions import finite_logits  # the leaves build on this module
-
-            ops.append(finite_logits(", ".join(checked)))
         deltas: dict[str, torch.Tensor] = {}
         for leaf in leaves:
             for name, delta in leaf._deltas(lm).items():

@@ -77,7 +77,6 @@ class HeadShift(Steering):
     positions: Positions = dataclasses.field(default_factory=All)
     scope: Scope = "all"
     model: ModelIdentity | None = None
-    checks_logits = True
 
     def __init__(self, heads: Sequence[tuple[int, int]], shifts: torch.Tensor, alpha: float = 1.0, *,
                  positions: PositionSpec = "all", scope: Scope = "all",
