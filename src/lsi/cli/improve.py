@@ -52,7 +52,7 @@ def improve(scenario: str | None, model: str | None, config_file: Path | None, d
     with an HTML report; with no SCENARIO, run every scenario on its built-in organism and write one report."""
     import torch
 
-    from lsi.errors import LsiError
+    from lsi.cli.errors import check_output_path
     from lsi.improve.config import read_config_file
     from lsi.improve.recipe import Progress, get_recipe, run_recipe
     from lsi.improve.record import table_text
@@ -65,27 +65,25 @@ def improve(scenario: str | None, model: str | None, config_file: Path | None, d
         raise click.UsageError("--model, --config and --data need a SCENARIO (see --list)")
     torch.set_num_threads(_threads(threads, model))
     progress = Progress(lambda line: click.echo(line, err=True), bars=sys.stderr.isatty())
-    try:
-        names = [get_recipe(scenario).name] if scenario else sorted(load_recipes())
-        runs = []
-        for name in names:
-            recipe = get_recipe(name)
-            run_dir = (out or Path("runs") / name) if scenario else (out or Path("runs")) / name
-            config = read_config_file(config_file, name) if config_file else None
-            result = run_recipe(name, model or recipe.default_model, run_dir, config=config, data=data_file,
-                                restart=restart, progress=progress)
-            runs.append(run_dir)
-            click.echo(f"\n== {name} ({model or recipe.default_model}) -> {run_dir}\n{result.headline}\n")
-            click.echo(table_text(result))
-            for note in result.notes:
-                click.echo(f"  - {note}")
-        if not no_report:
-            from lsi.report.html import write_report
+    names = [get_recipe(scenario).name] if scenario else sorted(load_recipes())
+    run_dirs = {name: (out or Path("runs") / name) if scenario else (out or Path("runs")) / name for name in names}
+    for run_dir in run_dirs.values():
+        check_output_path(run_dir, directory=True)
+    configs = {name: read_config_file(config_file, name) if config_file else None for name in names}
+    for name, run_dir in run_dirs.items():
+        recipe = get_recipe(name)
+        result = run_recipe(name, model or recipe.default_model, run_dir, config=configs[name], data=data_file,
+                            restart=restart, progress=progress)
+        click.echo(f"\n== {name} ({model or recipe.default_model}) -> {run_dir}\n{result.headline}\n")
+        click.echo(table_text(result))
+        for note in result.notes:
+            click.echo(f"  - {note}")
+    if not no_report:
+        from lsi.report.html import write_report
 
-            target = runs[0] / "report.html" if scenario else (out or Path("runs")) / "report.html"
-            click.echo(f"\nreport: {write_report(runs, target)}")
-    except LsiError as err:
-        raise click.ClickException(str(err)) from err
+        runs = list(run_dirs.values())
+        target = runs[0] / "report.html" if scenario else (out or Path("runs")) / "report.html"
+        click.echo(f"\nreport: {write_report(runs, target)}")
 
 
 @click.command()
@@ -95,14 +93,10 @@ def improve(scenario: str | None, model: str | None, config_file: Path | None, d
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the default browser.")
 def report(run_dirs: tuple[Path, ...], out: Path | None, open_browser: bool) -> None:
     """Write the self-contained HTML report of one run directory, or a comparison of several."""
-    from lsi.errors import LsiError
     from lsi.report.html import write_report
 
     target = out or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else run_dirs[0].parent / "report.html")
-    try:
-        path = write_report(list(run_dirs), target)
-    except LsiError as err:
-        raise click.ClickException(str(err)) from err
+    path = write_report(list(run_dirs), target)
     click.echo(str(path))
     if open_browser:
         import webbrowser
