@@ -123,6 +123,24 @@ def test_no_candidate_left_and_bad_settings_are_typed_errors(tiny_result):
         select_refusal_direction(lm, HARMFUL, HARMLESS, refusal_tokens=REFUSAL, layers=[4])
 
 
+@pytest.mark.unit
+def test_the_induce_score_adds_induce_alpha_times_r(tiny_result):
+    lm, _ = tiny_result
+    zero = select_refusal_direction(lm, HARMFUL, HARMLESS, refusal_tokens=REFUSAL, positions=[-1], layers=[1],
+                                    kl_max=10.0, induce_alpha=0.0)  # adding 0 · r changes nothing
+    assert zero.candidates[0].induce == pytest.approx(zero.baseline["harmless"], abs=1e-9)
+    assert zero.settings["induce_alpha"] == 0.0
+    twice = select_refusal_direction(lm, HARMFUL, HARMLESS, refusal_tokens=REFUSAL, positions=[-1], layers=[1],
+                                     kl_max=10.0, induce_alpha=2.0)
+    c = twice.candidates[0]
+    with lsi.Add(c.site, 2.0 * c.direction).apply(lm):
+        by_hand = sum(_score_by_hand(lm, p) for p in HARMLESS) / len(HARMLESS)
+    assert c.induce == pytest.approx(by_hand, abs=1e-5)
+    with pytest.raises(InputError, match="induce_alpha"):
+        select_refusal_direction(lm, HARMFUL, HARMLESS, refusal_tokens=REFUSAL, positions=[-1], layers=[1],
+                                 kl_max=0.0).pick()
+
+
 # -- the refusal_gate organism --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gate():
@@ -133,6 +151,16 @@ def gate():
     result = select_refusal_direction(lm, dev["harmful"], dev["harmless"], refusal_tokens=[sorry],
                                       positions=len(rg.POST_INSTRUCTION))
     return lm, splits, result
+
+
+@pytest.mark.integration
+def test_refusal_tokens_may_be_strings_of_one_token(gate):
+    lm, splits, _ = gate
+    prompts = splits["dev"]["harmful"][:8]
+    sorry = lm.tokenizer.get_vocab()[rg.REFUSAL[0]]
+    assert torch.equal(refusal_score(lm, prompts, ["sorry"]), refusal_score(lm, prompts, [sorry]))
+    with pytest.raises(InputError, match="one token each"):
+        refusal_score(lm, prompts, ["sorry i"])
 
 
 @pytest.mark.slow

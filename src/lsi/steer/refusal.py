@@ -8,8 +8,8 @@ total probability of the refusal tokens:
 
 * ``bypass``: mean refusal score of harmful prompts under :class:`~lsi.steer.directional.DirectionalAblation` of
   ``r`` (lower = refusal removed better);
-* ``induce``: mean refusal score of harmless prompts under :class:`~lsi.core.interventions.Add` of ``r`` at
-  layer ``l``'s input, all positions;
+* ``induce``: mean refusal score of harmless prompts under :class:`~lsi.core.interventions.Add` of
+  ``induce_alpha · r`` at layer ``l``'s input, all positions;
 * ``kl``: mean KL(base ‖ ablated) of the last-position distribution on harmless prompts.
 
 Candidates with ``l >= max_layer_fraction · L``, ``kl > kl_max`` or ``induce < 0`` are discarded (``filters``
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from lsi.core.steering import Scope
 
 FILTERS = {"zero": "μ_harmful = μ_harmless (no direction)", "layer": "layer >= max_layer_fraction · n_layers",
-           "kl": "KL on harmless prompts under ablation > kl_max", "induce": "induce score < 0 (adding r does not "
-           "raise refusal)"}
+           "kl": "KL on harmless prompts under ablation > kl_max",
+           "induce": "induce score < 0 (adding induce_alpha · r does not raise refusal)"}
 
 
 # -- the refusal score ----------------------------------------------------------------------------------------------
@@ -71,8 +71,21 @@ def _scores_from(logprobs: torch.Tensor, refusal: torch.Tensor) -> torch.Tensor:
     return logprobs[:, refusal].logsumexp(-1) - logprobs[:, others].logsumexp(-1)
 
 
-def _refusal_ids(lm: LanguageModel, refusal_tokens: Sequence[int]) -> torch.Tensor:
-    ids = sorted({int(t) for t in refusal_tokens})
+def _token_id(lm: LanguageModel, token: int | str) -> int:
+    """A token id, or the id of the one token a string encodes to."""
+    if not isinstance(token, str):
+        return int(token)
+    if lm.tokenizer is None:
+        raise InputError("refusal tokens as ids (the model has no tokenizer)", repr(token), "pass token ids")
+    ids = lm.encode(token)
+    if len(ids) != 1:
+        raise InputError("refusal tokens that are one token each", f"{token!r} -> {len(ids)} tokens {ids}",
+                         "pass the first token of the refusal (mind a leading space), or its id")
+    return ids[0]
+
+
+def _refusal_ids(lm: LanguageModel, refusal_tokens: Sequence[int | str]) -> torch.Tensor:
+    ids = sorted({_token_id(lm, t) for t in refusal_tokens})
     vocab = lm.dims.vocab
     if not ids or ids[0] < 0 or ids[-1] >= vocab:
         raise InputError(f"refusal token ids in [0, {vocab})", f"{list(refusal_tokens)[:10]}",
@@ -83,10 +96,11 @@ def _refusal_ids(lm: LanguageModel, refusal_tokens: Sequence[int]) -> torch.Tens
     return torch.tensor(ids)
 
 
-def refusal_score(lm: LanguageModel, prompts: Inputs | Batch, refusal_tokens: Sequence[int], *,
+def refusal_score(lm: LanguageModel, prompts: Inputs | Batch, refusal_tokens: Sequence[int | str], *,
                   batch_size: int = 64) -> torch.Tensor:
     """Per prompt ``log p(R) − log(1 − p(R))`` at its last real token (padding-aware), ``p(R)`` the total
-    probability of ``refusal_tokens``; ``[n]`` float64, under whatever steering is active.
+    probability of ``refusal_tokens`` (ids, or strings of one token each); ``[n]`` float64, under whatever steering
+    is active.
 
     Example:
         >>> import lsi
@@ -141,10 +155,13 @@ class RefusalSelection:
         """The chosen candidate; :class:`InputError` (with how many each filter discarded) when there is none."""
         if self.chosen is None:
             counts = {f: sum(f in c.filters for c in self.candidates) for f in FILTERS}
+            settings = {key: self.settings[key] for key in ("kl_max", "max_layer_fraction", "induce_alpha")
+                        if key in self.settings}
             raise InputError("a refusal direction that passed the filters",
-                             f"all {len(self.candidates)} candidates discarded (by filter: {counts})",
-                             "look at result.table(); raise kl_max or max_layer_fraction, or use more (or other) "
-                             "contrast prompts")
+                             f"all {len(self.candidates)} candidates discarded (by filter: {counts}; settings "
+                             f"{settings})", "look at result.table(); relax the filter that discarded most: kl "
+                             "(raise kl_max), layer (raise max_layer_fraction), induce (raise induce_alpha); or use "
+                             "more (or other) contrast prompts")
         return self.chosen
 
     @property
@@ -206,13 +223,16 @@ def _position_list(positions: int | Sequence[PositionSpec]) -> list[Positions]:
 
 
 def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmless: Inputs | Batch, *,
-                             refusal_tokens: Sequence[int], positions: int | Sequence[PositionSpec] = 1,
+                             refusal_tokens: Sequence[int | str], positions: int | Sequence[PositionSpec] = 1,
                              layers: Sequence[int] | None = None, max_layer_fraction: float = 0.8,
-                             kl_max: float = 0.1, harmful_val: Inputs | Batch | None = None,
+                             kl_max: float = 0.1, induce_alpha: float = 1.0,
+                             harmful_val: Inputs | Batch | None = None,
                              harmless_val: Inputs | Batch | None = None, batch_size: int = 64) -> RefusalSelection:
-    """Select the refusal direction (see the module docstring). ``positions``: the number of post-instruction
-    tokens at the end of every prompt, or a list of selectors; ``layers``: the layers whose input is read (default
-    all); the validation prompts default to ``harmful`` / ``harmless`` themselves."""
+    """Select the refusal direction (see the module docstring). ``refusal_tokens``: ids, or strings of one token
+    each; ``positions``: the number of post-instruction tokens at the end of every prompt, or a list of selectors;
+    ``layers``: the layers whose input is read (default all); ``induce_alpha``: the strength of the addition the
+    induce score measures (a model whose refusal needs more than ``1 · r`` to be induced needs a larger one); the
+    validation prompts default to ``harmful`` / ``harmless`` themselves."""
     n_layers = lm.dims.n_layers
     chosen_layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in chosen_layers if not 0 <= layer < n_layers]
@@ -245,12 +265,13 @@ def select_refusal_direction(lm: LanguageModel, harmful: Inputs | Batch, harmles
             ablation = DirectionalAblation(r)
             bypass = float(scores(harmful_val, ablation)[1].mean())
             kl = float(kl_divergence(base_harmless, scores(harmless_val, ablation)[0]).mean())
-            induce = float(scores(harmless_val, Add(site, r))[1].mean())
+            induce = float(scores(harmless_val, Add(site, r, induce_alpha))[1].mean())
             filters += ["kl"] * (kl > kl_max) + ["induce"] * (induce < 0)
             candidates.append(RefusalCandidate(layer, str(position), r, bypass, induce, kl, tuple(filters)))
     kept = [c for c in candidates if c.kept]
     best = min(kept, key=lambda c: (c.bypass or 0.0, c.kl or 0.0), default=None)  # kept ones have scores
     settings = {"positions": [str(p) for p in selectors],
                 "layers": chosen_layers, "max_layer_fraction": max_layer_fraction, "kl_max": kl_max,
+                "induce_alpha": induce_alpha,
                 "refusal_tokens": refusal.tolist()}
     return RefusalSelection(tuple(candidates), best, baseline, settings, ModelIdentity.of(lm))
