@@ -40,7 +40,10 @@ def test_a_jsonl_trait_runs_the_whole_recipe(stories_dir, tmp_path):
     variants = {row.variant for row in r.rows}
     assert {"unsteered", "random direction", "prompting"} <= variants
     assert "trait_words_per_100_words" in {m.key for m in r.metrics}
-    assert r.row("unsteered").values["trait_words_per_100_words"].value >= 0
+    for row in r.rows:  # the trait rate is trait minus opposite words over the same pooled word count
+        v = row.values
+        assert v["rate"].value == pytest.approx(v["trait_words_per_100_words"].value
+                                                - v["opposite_words_per_100_words"].value, abs=1e-9)
     assert len(r.curves[2].series[0].points) == 3  # one point per candidate set
 
 

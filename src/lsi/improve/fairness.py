@@ -164,6 +164,12 @@ def values(lm: LanguageModel, split: FairnessSplit) -> dict[str, list[float]]:
     """Per example under whatever steering is active: ``bias_gap`` per pair (mean over its two targets of
     |P(t | a) − P(t | b)|), ``context_accuracy`` per prompt of a pair with an answer (argmax = answer),
     ``factual`` per factual prompt (argmax = answer)."""
+    return _values_and_probs(lm, split)[0]
+
+
+def _values_and_probs(lm: LanguageModel, split: FairnessSplit) -> tuple[dict[str, list[float]], torch.Tensor,
+                                                                         torch.Tensor]:
+    """:func:`values`, and the next-token probabilities after every pair's A and B prompt (``[pairs, vocab]``)."""
     pa, pb = _last_probs(lm, [p.a for p in split.pairs]), _last_probs(lm, [p.b for p in split.pairs])
     targets = torch.tensor([[_token(lm, t) for t in p.targets] for p in split.pairs])
     gap = (pa.gather(1, targets) - pb.gather(1, targets)).abs().mean(1)
@@ -173,7 +179,7 @@ def values(lm: LanguageModel, split: FairnessSplit) -> dict[str, list[float]]:
     factual = _last_probs(lm, [f.prompt for f in split.factual]).argmax(-1)
     factual_ok = factual == torch.tensor([_token(lm, f.answer) for f in split.factual])
     return {"bias_gap": gap.tolist(), "context_accuracy": context.double().tolist(),
-            "factual": factual_ok.double().tolist()}
+            "factual": factual_ok.double().tolist()}, pa, pb
 
 
 def _means(v: dict[str, list[float]]) -> dict[str, float]:
@@ -215,7 +221,7 @@ def _steering(lm: LanguageModel, kind: str, sites: Sequence[str], reference: lis
 
 def run(ctx: RunContext) -> Result:
     from lsi.evaluation.ranking import auroc_of
-    from lsi.evaluation.steer import reference
+    from lsi.evaluation.steer import divergence, reference
     from lsi.locate.patching import activation_patching
 
     lm, data, config = ctx.lm, ctx.data, ctx.config
@@ -244,7 +250,7 @@ def run(ctx: RunContext) -> Result:
             for k in ctx.progress.iterate(config.ks, total=len(config.ks), desc=f"{kind} ablations"):
                 with _steering(lm, kind, ranked[:k], dev_reference).apply(lm):
                     got = _means(values(lm, data.dev))
-                    kl = sum(divergence_values(lm.forward(dev_ref.batch), dev_ref)["kl"]) / dev_ref.targets.numel()
+                    kl = divergence(lm.forward(dev_ref.batch), dev_ref)[0]
                 kept = all(got[m] >= config.keep * base[m] for m in ("context_accuracy", "factual") if m in base)
                 points.append({"kind": kind, "k": k, **got, "kl": kl, "kept": kept and kl <= config.tau})
         feasible = [p for p in points if p["kept"]]
@@ -297,8 +303,8 @@ def run(ctx: RunContext) -> Result:
 
 
 def _test_values(lm: LanguageModel, data: FairnessData, ref: Reference) -> dict[str, Any]:
-    out: dict[str, Any] = {**values(lm, data.test), **divergence_values(lm.forward(ref.batch), ref)}
-    pa, pb = _last_probs(lm, [p.a for p in data.test.pairs]), _last_probs(lm, [p.b for p in data.test.pairs])
+    found, pa, pb = _values_and_probs(lm, data.test)
+    out: dict[str, Any] = {**found, **divergence_values(lm.forward(ref.batch), ref)}
     out["top"] = [[_top(lm, pa[i]), _top(lm, pb[i])] for i in range(len(data.test.pairs))]
     return out
 

@@ -15,6 +15,7 @@ directory named ``stories260k``: a cheerful storyteller, happy minus sad words);
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,11 +134,8 @@ def run(ctx: RunContext) -> Result:
             return lm.tokenizer.batch_decode(ids[:, -config.max_new_tokens:], skip_special_tokens=True)
 
         before = sample()
-        if steering is None:
-            return Checkpoint({"prompts": [lm.tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
-                               "before": before, "after": before})
-        with steering.apply(lm):
-            after = sample()
+        with steering.apply(lm) if steering is not None else nullcontext():
+            after = sample() if steering is not None else before
         return Checkpoint({"prompts": [lm.tokenizer.decode(p, skip_special_tokens=True) for p in prompts],
                            "before": before, "after": after})
 

@@ -193,7 +193,7 @@ METRICS = (
 # -- the recipe -----------------------------------------------------------------------------------------------------
 def run(ctx: RunContext) -> Result:
     from lsi.core.interventions import Add
-    from lsi.evaluation.steer import reference
+    from lsi.evaluation.steer import divergence, reference
     from lsi.steer.directional import DirectionalAblation, orthogonalize
     from lsi.steer.refusal import select_refusal_direction
 
@@ -222,8 +222,8 @@ def run(ctx: RunContext) -> Result:
             with lm.intervene(Add(site, direction, alpha, scope="prompt")):
                 induced = [_refused(g, data.refusal_prefixes) for g in replies(lm, dev_harmless,
                                                                               config.max_new_tokens)]
-                kl = divergence_values(lm.forward(dev_ref.batch), dev_ref)["kl"]
-            points.append({"alpha": alpha, "induced": sum(induced) / len(induced), "kl": sum(kl) / len(kl)})
+                kl = divergence(lm.forward(dev_ref.batch), dev_ref)[0]
+            points.append({"alpha": alpha, "induced": sum(induced) / len(induced), "kl": kl})
         best = max(p["induced"] for p in points)
         chosen = next(p for p in points if p["induced"] >= min(0.95, best))  # the smallest strength that does it
         return Checkpoint({"points": points, "alpha": chosen["alpha"]})
